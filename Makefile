@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make up` and `make test`.
+SHELL := /bin/bash
+VENV ?= .nadi/venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: up test install services migrate lint typecheck bench clean-services
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+services: install
+	$(BIN)/nadi services up
+
+migrate: services
+	$(BIN)/nadi migrate
+
+## Run the whole platform: services, migrations, simulator, processor, API, Dagster.
+up: install
+	$(BIN)/nadi up
+
+## Start the services the tests need, then run every test against them.
+test: services
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy nadi streaming api pipelines infra bench
+
+clean-services: install
+	$(BIN)/nadi services down

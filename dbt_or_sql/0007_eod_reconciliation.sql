@@ -1,0 +1,26 @@
+-- One row per trading day and instrument: exchange (bhavcopy) figures next to Nadi's.
+CREATE TABLE IF NOT EXISTS eod_reconciliation (
+    trading_day       date NOT NULL,
+    instrument_token  bigint NOT NULL,
+    tradingsymbol     text,
+    exch_open         double precision,
+    exch_high         double precision,
+    exch_low          double precision,
+    exch_last         double precision,
+    exch_close        double precision,
+    exch_volume       bigint,
+    nadi_open         double precision,
+    nadi_high         double precision,
+    nadi_low          double precision,
+    nadi_last         double precision,
+    nadi_close        double precision,
+    nadi_volume       bigint,
+    tick_count        bigint,
+    gap_count         integer,
+    open_gaps         integer,
+    verdict           text NOT NULL CHECK (verdict IN ('match', 'mismatch', 'missing_in_nadi',
+                                                      'missing_in_bhavcopy')),
+    details           jsonb NOT NULL DEFAULT '{}'::jsonb,
+    checked_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (trading_day, instrument_token)
+);

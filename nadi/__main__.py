@@ -1,0 +1,3 @@
+from nadi.cli import main
+
+main()

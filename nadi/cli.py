@@ -1,0 +1,114 @@
+"""The ``nadi`` console script (DESIGN.md section 3).
+
+Each verb imports its app lazily so ``nadi services`` works before the heavy apps are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from nadi.settings import get_settings
+from nadi.supervisor import Component, supervise
+
+app = typer.Typer(
+    help="Nadi: market data for Indian equities and derivatives.", no_args_is_help=True
+)
+services_app = typer.Typer(
+    help="The local PostgreSQL/TimescaleDB, Redis and Kafka.", no_args_is_help=True
+)
+app.add_typer(services_app, name="services")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@services_app.command("up")
+def services_up() -> None:
+    """Install what is missing and start every local service (idempotent)."""
+    from infra.proc import ServiceError
+    from infra.services import LocalStack
+
+    try:
+        LocalStack(get_settings()).up()
+    except ServiceError as e:
+        _fail(str(e))
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop the local services; data stays under NADI_HOME."""
+    from infra.services import LocalStack
+
+    LocalStack(get_settings()).down()
+
+
+@services_app.command("status")
+def services_status(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """What runs where. Exit code 3 when any service is stopped."""
+    from infra.services import LocalStack
+
+    rows = LocalStack(get_settings()).status()
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            state = "running" if r["running"] else "stopped"
+            skip = ("service", "running", "where")
+            extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
+            print(f"{r['service']:<11} {state:<8} {r['where']:<22} {extra}")
+    if not all(r["running"] for r in rows):
+        raise typer.Exit(3)
+
+
+@app.command("migrate")
+def migrate(
+    with_topics: bool = typer.Option(False, help="also create the Kafka topics (for Docker)"),
+) -> None:
+    """Apply the dbt_or_sql/ migrations (idempotent, safe from several processes)."""
+    import asyncio
+
+    from nadi.db.migrate import run_migrations
+
+    settings = get_settings()
+    applied = asyncio.run(run_migrations(settings))
+    print(json.dumps({"applied": applied}), file=sys.stderr)
+    if with_topics:
+        from nadi.kafka_admin import ensure_topics
+
+        print(json.dumps({"topics": asyncio.run(ensure_topics(settings))}), file=sys.stderr)
+
+
+def platform_components() -> list[Component]:
+    """Every long-running part of the platform that `nadi up` starts, beside the services."""
+    me = (sys.executable, "-m", "nadi")
+    return [
+        Component("simulate", (*me, "simulate")),
+        Component("process", (*me, "process")),
+    ]
+
+
+@app.command("up")
+def up() -> None:
+    """Services up, migrate, then run the whole platform; Ctrl-C stops all."""
+    import asyncio
+
+    from infra.proc import ServiceError
+    from infra.services import LocalStack
+    from nadi.db.migrate import run_migrations
+
+    settings = get_settings()
+    try:
+        LocalStack(settings).up()
+    except ServiceError as e:
+        _fail(str(e))
+    asyncio.run(run_migrations(settings))
+    asyncio.run(supervise(platform_components()))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,44 @@
+"""Kafka topics of DESIGN.md section 2, created idempotently."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from nadi.settings import Settings
+
+
+def topic_specs(s: Settings) -> dict[str, int]:
+    """Topic name -> partition count."""
+    return {
+        s.topic_ticks: s.ticks_partitions,
+        s.topic_dlq: 3,
+        s.topic_replay: s.ticks_partitions,
+    }
+
+
+@retry(
+    retry=retry_if_exception_type((KafkaConnectionError, KafkaError, OSError)),
+    wait=wait_exponential(multiplier=0.2, max=2),
+    stop=stop_after_delay(60),
+    reraise=True,
+)
+async def ensure_topics(s: Settings) -> dict[str, int]:
+    """Create missing topics; returns every wanted topic with its partition count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = topic_specs(s)
+        missing = [
+            NewTopic(name=t, num_partitions=n, replication_factor=1)
+            for t, n in wanted.items()
+            if t not in existing
+        ]
+        if missing:
+            await admin.create_topics(missing)
+        described = await admin.describe_topics(list(wanted))
+        return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
