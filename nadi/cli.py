@@ -83,6 +83,23 @@ def migrate(
         print(json.dumps({"topics": asyncio.run(ensure_topics(settings))}), file=sys.stderr)
 
 
+@app.command("process")
+def process(
+    metrics_port: int = typer.Option(None, help="Prometheus port (default NADI_METRICS_PORT; 0 off)"),
+) -> None:
+    """Run one MarketDataProcessor worker of consumer group NADI_GROUP_ID (SIGTERM drains)."""
+    import asyncio
+
+    from nadi.logs import configure
+    from streaming.processor.worker import run_worker
+
+    configure()
+    settings = get_settings()
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
+    asyncio.run(run_worker(settings))
+
+
 def platform_components() -> list[Component]:
     """Every long-running part of the platform that `nadi up` starts, beside the services."""
     me = (sys.executable, "-m", "nadi")

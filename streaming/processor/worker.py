@@ -1,0 +1,212 @@
+"""The MarketDataProcessor: one stateless worker of the consumer group.
+
+Loop: ``getmany`` a batch -> decode -> dead-letter the bad -> persist the good (TimescaleDB and
+the Redis ring together) -> commit the batch's offsets. Offsets are committed only after both
+sinks are durable, so a crash at any instant means redelivery, never loss; every write is
+idempotent, so redelivery never means duplicates. While a sink is down the worker pauses its
+partitions and retries with backoff, polling only to stay in the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client import start_http_server
+from tenacity import wait_exponential_jitter
+
+from nadi import metrics
+from nadi.db.pool import create_pool
+from nadi.db.tick_writer import init_connection
+from nadi.logs import get_logger
+from nadi.settings import Settings
+from streaming.processor.batch import BatchProcessor, Record
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+class _Abandoned(Exception):
+    """The batch's partitions were revoked or the worker is stopping: leave it uncommitted."""
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: MarketDataProcessor) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Let an in-flight batch finish and commit; one stuck in retries is abandoned (its
+        # records go to the next owner uncommitted, which is safe).
+        w = self.worker
+        w.assigned -= revoked
+        w.revoking = True
+        try:
+            await asyncio.wait_for(w.batch_lock.acquire(), timeout=w.revoke_wait_s)
+            w.batch_lock.release()
+        except TimeoutError:
+            log.warning("in-flight batch abandoned on revoke", partitions=len(revoked))
+        finally:
+            w.revoking = False
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.worker.assigned |= assigned
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+class MarketDataProcessor:
+    def __init__(self, settings: Settings, *, topic: str | None = None, revoke_wait_s: float = 20.0) -> None:
+        self.s = settings
+        self.topic = topic or settings.topic_ticks
+        self.revoke_wait_s = revoke_wait_s
+        self.batch_lock = asyncio.Lock()
+        self.revoking = False
+        self.stop_event = asyncio.Event()
+        self.batches = 0
+        self.assigned: set[TopicPartition] = set()
+        self.committed_records = 0
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop` (or SIGTERM/SIGINT when installed) is called."""
+        s = self.s
+        pool = await create_pool(s, min_size=1, max_size=3, init=init_connection)
+        redis_client = aioredis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+        )
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_wait_ms=20,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+            max_poll_interval_ms=300_000,
+        )
+        await producer.start()
+        try:
+            mode = await pool.fetchval("SELECT mode FROM candle_mode")
+            processor = BatchProcessor(s, pool, redis_client, producer, mark_dirty=mode == "rollup")
+            processor.known_tokens = await self._known_tokens(pool)
+            consumer.subscribe([self.topic], listener=_Rebalance(self))
+            await consumer.start()
+            log.info("processor started", topic=self.topic, group=s.group_id, candles=mode)
+            try:
+                await self._loop(consumer, processor, pool)
+            finally:
+                await consumer.stop()  # leaves the group; nothing uncommitted is claimed
+        finally:
+            await producer.stop()
+            await redis_client.aclose()
+            await pool.close()
+            log.info("processor stopped", batches=self.batches, records=self.committed_records)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    async def _loop(self, consumer: AIOKafkaConsumer, processor: BatchProcessor, pool: object) -> None:
+        last_refresh = time.monotonic()
+        while not self.stop_event.is_set():
+            batch: dict[TopicPartition, list[Record]] = await consumer.getmany(
+                timeout_ms=200, max_records=self.s.batch_max_records
+            )
+            if not batch:
+                continue
+            async with self.batch_lock:
+                t0 = time.perf_counter()
+                records = [r for recs in batch.values() for r in recs]
+                try:
+                    ticks, rejects = processor.decode(records)
+                    await self._retrying(consumer, "dlq", lambda: processor.publish_rejects(rejects))
+                    await self._retrying(consumer, "sinks", lambda: processor.persist(ticks))
+                except _Abandoned:
+                    continue
+                await self._commit(consumer, batch)
+                metrics.TICKS_IN.inc(len(records))
+                metrics.BATCH_SIZE.observe(len(records))
+                metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+                self._observe_lag(consumer, batch)
+            if time.monotonic() - last_refresh > 60:
+                last_refresh = time.monotonic()
+                with contextlib.suppress(Exception):
+                    processor.known_tokens = await self._known_tokens(pool)
+
+    async def _retrying(self, consumer: AIOKafkaConsumer, sink: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` until it succeeds; meanwhile pause the partitions and keep polling."""
+        wait = wait_exponential_jitter(multiplier=0.2, max=10)
+        attempt = 0
+        paused = False
+        try:
+            while True:
+                try:
+                    return await fn()
+                except Exception as e:  # noqa: BLE001 - any failure of a sink is retried
+                    attempt += 1
+                    metrics.WRITE_RETRIES.labels(sink=sink).inc()
+                    log.warning("batch write failed; retrying", sink=sink, attempt=attempt, error=repr(e)[:300])
+                    if not paused:
+                        consumer.pause(*consumer.assignment())
+                        metrics.PAUSED.set(1)
+                        paused = True
+                    delay = wait(_RetryState(attempt))
+                    deadline = time.monotonic() + delay
+                    while time.monotonic() < deadline:
+                        if self.stop_event.is_set() or self.revoking:
+                            raise _Abandoned from e
+                        # Paused partitions return nothing; polling keeps us in the group.
+                        await consumer.getmany(timeout_ms=int(min(0.5, deadline - time.monotonic()) * 1000) + 1)
+        finally:
+            if paused:
+                consumer.resume(*consumer.assignment())
+                metrics.PAUSED.set(0)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]) -> None:
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
+        try:
+            await consumer.commit(offsets)
+            self.batches += 1
+            self.committed_records += sum(len(r) for r in batch.values())
+        except (CommitFailedError, KafkaError) as e:
+            # The group moved on: the next owner gets these records again, and every write
+            # above is idempotent, so redelivery is harmless.
+            log.warning("commit failed; batch will be redelivered", error=repr(e)[:200])
+
+    def _observe_lag(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]) -> None:
+        for tp, recs in batch.items():
+            hw = consumer.highwater(tp)
+            if hw is not None and recs:
+                metrics.LAG.labels(partition=str(tp.partition)).set(max(0, hw - recs[-1].offset - 1))
+
+    @staticmethod
+    async def _known_tokens(pool: object) -> frozenset[int]:
+        rows = await pool.fetch("SELECT instrument_token FROM instruments")  # type: ignore[attr-defined]
+        return frozenset(r[0] for r in rows)
+
+
+class _RetryState:
+    """The little of tenacity's RetryCallState that its wait strategies read."""
+
+    def __init__(self, attempt: int) -> None:
+        self.attempt_number = attempt
+
+
+async def run_worker(settings: Settings) -> None:
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    worker = MarketDataProcessor(settings)
+    worker.install_signal_handlers()
+    await worker.run()

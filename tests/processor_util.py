@@ -1,0 +1,66 @@
+"""Running MarketDataProcessor workers in tests: in-process tasks or real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from nadi.settings import Settings
+from streaming.processor.worker import MarketDataProcessor
+from tests.kafka_util import create_topic
+
+
+async def private_settings(settings: Settings, partitions: int = 4) -> Settings:
+    topic = await create_topic(settings.kafka_bootstrap, "test.ticks", partitions)
+    dlq = await create_topic(settings.kafka_bootstrap, "test.dlq", 1)
+    return settings.model_copy(
+        update={"topic_ticks": topic, "topic_dlq": dlq, "group_id": f"g-{uuid.uuid4().hex[:8]}", "metrics_port": 0}
+    )
+
+
+async def reset_state(pg: asyncpg.Connection, settings: Settings) -> None:
+    await pg.execute("TRUNCATE ticks, sequence_gaps, candle_dirty, candles_1m, candles_5m")
+    r = aioredis.from_url(settings.redis_url)
+    await r.flushdb()
+    await r.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[MarketDataProcessor]:
+    worker = MarketDataProcessor(settings, revoke_wait_s=5)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+
+def spawn_worker(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "NADI_PG_DSN": settings.pg_dsn,
+        "NADI_REDIS_URL": settings.redis_url,
+        "NADI_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "NADI_TOPIC_TICKS": settings.topic_ticks,
+        "NADI_TOPIC_DLQ": settings.topic_dlq,
+        "NADI_GROUP_ID": settings.group_id,
+        "NADI_METRICS_PORT": "0",
+    }
+    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen([sys.executable, "-m", "nadi", "process"], env=env, stdout=out, stderr=out)
+
+
+async def stored(pg: asyncpg.Connection) -> set[tuple[int, int, int]]:
+    rows = await pg.fetch(
+        "SELECT instrument_token, sequence_id, (extract(epoch FROM exchange_ts) * 1000000)::bigint FROM ticks"
+    )
+    return {(r[0], r[1], r[2]) for r in rows}
