@@ -36,7 +36,7 @@ def test_valid_tick_decodes_with_unknown_fields_ignored() -> None:
 
 
 def test_iso_timestamp_with_offset_is_normalised_to_utc_ns() -> None:
-    ts = 1795490100123456000
+    ts = 1795491900123456000  # 2026-11-24T03:45:00.123456Z
     t = codec.decode(_raw(exchange_ts="2026-11-24T09:15:00.123456+05:30"), None, ts + NS)
     assert t.exchange_ts_ns == parse_exchange_ts("2026-11-24T03:45:00.123456+00:00")
     assert t.exchange_ts_ns == ts
