@@ -12,6 +12,7 @@ import typer
 
 from nadi.settings import get_settings
 from nadi.supervisor import Component, supervise
+from streaming.simulator.cli import instruments_load, simulate
 
 app = typer.Typer(
     help="Nadi: market data for Indian equities and derivatives.", no_args_is_help=True
@@ -20,6 +21,14 @@ services_app = typer.Typer(
     help="The local PostgreSQL/TimescaleDB, Redis and Kafka.", no_args_is_help=True
 )
 app.add_typer(services_app, name="services")
+bench_app = typer.Typer(
+    help="Benchmarks; each prints one JSON line (also kept in .nadi/bench/).", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+instruments_app = typer.Typer(help="The instrument master.", no_args_is_help=True)
+app.add_typer(instruments_app, name="instruments")
+app.command("simulate")(simulate)
+instruments_app.command("load")(instruments_load)
 
 
 def _fail(msg: str) -> None:
@@ -85,7 +94,9 @@ def migrate(
 
 @app.command("process")
 def process(
-    metrics_port: int = typer.Option(None, help="Prometheus port (default NADI_METRICS_PORT; 0 off)"),
+    metrics_port: int = typer.Option(
+        None, help="Prometheus port (default NADI_METRICS_PORT; 0 off)"
+    ),
 ) -> None:
     """Run one MarketDataProcessor worker of consumer group NADI_GROUP_ID (SIGTERM drains)."""
     import asyncio
@@ -98,6 +109,24 @@ def process(
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
     asyncio.run(run_worker(settings))
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    n: int = typer.Option(1_000_000, help="messages in the topic, redundant duplicates included"),
+    dup_rate: float = typer.Option(
+        0.05, min=0.0, max=1.0, help="share of ticks sent on both feeds"
+    ),
+    batch: int = typer.Option(5000, min=100, help="records per processor batch"),
+) -> None:
+    """Sustained ticks/s of one worker, next to a raw idempotent COPY in the same run."""
+    import asyncio
+
+    from bench.common import emit
+    from bench.ingest import run
+
+    settings = get_settings()
+    emit(settings, "ingest", asyncio.run(run(settings, n, dup_rate, batch)))
 
 
 def platform_components() -> list[Component]:

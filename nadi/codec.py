@@ -36,7 +36,7 @@ class Reason(StrEnum):
     KEY_MISMATCH = "key_mismatch"  # Kafka key is not the instrument token
 
 
-class Rejected(Exception):  # noqa: N818 - it is a verdict, not an error of ours
+class Rejected(Exception):
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
@@ -58,7 +58,9 @@ class TickCodec:
     max_future_skew_s: float = 300.0
     max_age_s: float = 7 * 86_400.0
 
-    def decode(self, value: bytes | None, key: bytes | None = None, now_ns: int | None = None) -> Tick:
+    def decode(
+        self, value: bytes | None, key: bytes | None = None, now_ns: int | None = None
+    ) -> Tick:
         """Return the tick or raise :class:`Rejected` with its reason."""
         if value is None:
             raise Rejected(Reason.BAD_JSON, "empty message (null value)")
@@ -71,6 +73,8 @@ class TickCodec:
             raise Rejected(reason, str(e)) from None
         except msgspec.DecodeError as e:
             raise Rejected(_classify_malformed(value), str(e)) from None
+        except UnicodeDecodeError as e:  # invalid UTF-8 inside a known string field
+            raise Rejected(Reason.BAD_ENCODING, str(e)) from None
         for name in _FLOAT_FIELDS:
             v = getattr(w, name)
             if v is not None and not math.isfinite(v):
@@ -78,7 +82,9 @@ class TickCodec:
         ts_ns = parse_exchange_ts(w.exchange_ts)
         now = time.time_ns() if now_ns is None else now_ns
         if ts_ns > now + int(self.max_future_skew_s * NS):
-            raise Rejected(Reason.FUTURE_TIMESTAMP, f"exchange_ts {(ts_ns - now) / NS:.1f}s ahead of now")
+            raise Rejected(
+                Reason.FUTURE_TIMESTAMP, f"exchange_ts {(ts_ns - now) / NS:.1f}s ahead of now"
+            )
         if ts_ns < now - int(self.max_age_s * NS):
             raise Rejected(Reason.EXPIRED_TIMESTAMP, f"exchange_ts {(now - ts_ns) / NS:.0f}s old")
         if key is not None and key != str(w.instrument_token).encode():

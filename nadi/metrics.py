@@ -28,8 +28,12 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BATCH_SIZE = Histogram(
-    "nadi_batch_size", "Messages per batch", buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000)
+    "nadi_batch_size",
+    "Messages per batch",
+    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000),
 )
-WRITE_RETRIES = Counter("nadi_write_retries_total", "Batch writes retried after a failure", ["sink"])
+WRITE_RETRIES = Counter(
+    "nadi_write_retries_total", "Batch writes retried after a failure", ["sink"]
+)
 PAUSED = Gauge("nadi_partitions_paused", "1 while the worker has paused its partitions")
 LAG = Gauge("nadi_consumer_lag", "Messages behind the high watermark", ["partition"])

@@ -2,7 +2,10 @@
 
 Appends are idempotent: a per-day bitmap of sequence ids already appended is tested and set in
 the same Lua call as the XADD, so a redelivered batch never puts a tick in the ring twice. The
-stream entry id of the ring is the tick's *ring offset*, which WebSocket clients resume from.
+ring stream's entry id is the tick's *ring offset*, which WebSocket clients resume from.
+
+The live fan-out stream ``nadi:live`` gets one entry per batch: field ``b`` holds a JSON array
+of ``{"o": ring offset, "t": tick}`` in ring order, so readers decode once per batch.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import redis.asyncio as aioredis
 from nadi.redis_keys import BITMAP_MAX_SEQ, LIVE_STREAM
 from nadi.tick import Tick
 
-# KEYS are built inside the script (single-node Redis; the key set depends on the batch).
+# Keys are built inside the script (single-node Redis; the key set depends on the batch).
 _APPEND = """
-local maxlen, live_maxlen, ttl, maxbit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local out, seen = {}, {}
-for i = 5, #ARGV, 4 do
-  local day, token, seq, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+local items = cmsgpack.unpack(ARGV[1])
+local maxlen, live_maxlen, ttl, maxbit = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local out, seen, live = {}, {}, {}
+for i, it in ipairs(items) do
+  local day, token, seq, payload = it[1], it[2], it[3], it[4]
   local sk = 'nadi:rs:' .. day .. ':' .. token
   local fresh
   if seq < maxbit then
@@ -32,13 +36,16 @@ for i = 5, #ARGV, 4 do
   seen[sk] = true
   if fresh then
     local id = redis.call('XADD', 'nadi:ring:' .. token, 'MAXLEN', '~', maxlen, '*', 'd', payload)
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'k', token, 'o', id, 'd', payload)
-    out[#out + 1] = id
+    live[#live + 1] = '{"o":"' .. id .. '","t":' .. payload .. '}'
+    out[i] = id
   else
-    out[#out + 1] = false
+    out[i] = ''
   end
 end
 for k, _ in pairs(seen) do redis.call('EXPIRE', k, ttl) end
+if #live > 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'b', '[' .. table.concat(live, ',') .. ']')
+end
 return out
 """
 
@@ -62,15 +69,36 @@ class LiveTick(msgspec.Struct, omit_defaults=True):
     feed: str | None = None
 
 
-_encoder = msgspec.json.Encoder()
+class LiveEntry(msgspec.Struct):
+    """One element of a live fan-out batch."""
+
+    o: str  # ring offset (the instrument stream's entry id)
+    t: LiveTick
+
+
+_encode_json = msgspec.json.Encoder().encode
+_pack = msgspec.msgpack.Encoder().encode
+live_batch_decoder = msgspec.json.Decoder(list[LiveEntry])
 
 
 def live_payload(t: Tick, status: str) -> bytes:
-    return _encoder.encode(
+    return _encode_json(
         LiveTick(
-            t.instrument_token, t.sequence_id, t.exchange_ts_ns, t.last_price, status,
-            t.exchange, t.last_qty, t.volume, t.oi, t.bid, t.ask, t.bid_qty, t.ask_qty, t.feed,
-        )  # fmt: skip
+            t.instrument_token,
+            t.sequence_id,
+            t.exchange_ts_ns,
+            t.last_price,
+            status,
+            t.exchange,
+            t.last_qty,
+            t.volume,
+            t.oi,
+            t.bid,
+            t.ask,
+            t.bid_qty,
+            t.ask_qty,
+            t.feed,
+        )
     )
 
 
@@ -78,18 +106,24 @@ class RingWriter:
     """Appends ticks to their instrument rings and the live stream in one Lua call per batch."""
 
     def __init__(
-        self, client: aioredis.Redis, *, maxlen: int, live_maxlen: int = 200_000, ttl_s: int
+        self, client: aioredis.Redis, *, maxlen: int, live_maxlen: int = 20_000, ttl_s: int
     ) -> None:
         self._client = client
         self._script = client.register_script(_APPEND)
-        self._head = [maxlen, live_maxlen, ttl_s, BITMAP_MAX_SEQ]
+        self._tail = [maxlen, live_maxlen, ttl_s, BITMAP_MAX_SEQ]
 
-    async def append(self, ticks: Sequence[Tick], statuses: Sequence[str]) -> list[bytes | None]:
+    async def append(
+        self, ticks: Sequence[Tick], days: Sequence[int], statuses: Sequence[str]
+    ) -> list[str | None]:
         """Returns the ring offset of each tick, or None where it was already in the ring."""
         if not ticks:
             return []
-        args: list[object] = list(self._head)
-        for t, status in zip(ticks, statuses, strict=True):
-            args += (t.trading_day_ordinal, t.instrument_token, t.sequence_id, live_payload(t, status))
-        result = await self._script(keys=[LIVE_STREAM], args=args)
-        return [r if r else None for r in result]
+        blob = _pack(
+            [
+                # As str: Redis's Lua msgpack predates the bin type.
+                (d, t.instrument_token, t.sequence_id, live_payload(t, s).decode())
+                for t, d, s in zip(ticks, days, statuses, strict=True)
+            ]
+        )
+        result = await self._script(keys=[LIVE_STREAM], args=[blob, *self._tail])
+        return [r.decode() if r else None for r in result]

@@ -7,7 +7,7 @@ batch is durable, so a redelivered batch is classified exactly as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nadi.tick import Tick
@@ -42,13 +42,17 @@ class Classified:
     last: dict[Key, int] = field(default_factory=dict)
 
 
-def classify(ticks: Iterable[Tick], last_known: Mapping[Key, int | None]) -> Classified:
-    """Assign OK/STALE/RECOVERED/LATE in arrival order; ticks must be unique per (key, seq)."""
+def classify(
+    ticks: Sequence[Tick], last_known: Mapping[Key, int | None], keys: Sequence[Key] | None = None
+) -> Classified:
+    """Assign OK/STALE/RECOVERED/LATE in arrival order; ticks must be unique per (key, seq).
+    ``keys`` are the ticks' (token, day) if the caller has them already."""
     out = Classified()
     state: dict[Key, int | None] = dict(last_known)
     batch_gaps: dict[Key, list[Gap]] = {}
-    for t in ticks:
-        key = (t.instrument_token, t.trading_day_ordinal)
+    if keys is None:
+        keys = [(t.instrument_token, t.trading_day_ordinal) for t in ticks]
+    for t, key in zip(ticks, keys, strict=True):
         seq = t.sequence_id
         last = state.get(key)
         if last is None or seq == last + 1:

@@ -14,7 +14,9 @@ from nadi.codec import encode
 from nadi.tick import NS, Tick
 
 
-def tick(token: int, seq: int, ts_ns: int, price: float = 100.0, qty: int = 1, feed: str = "A") -> Tick:
+def tick(
+    token: int, seq: int, ts_ns: int, price: float = 100.0, qty: int = 1, feed: str = "A"
+) -> Tick:
     return Tick(
         instrument_token=token, sequence_id=seq, exchange_ts_ns=ts_ns, last_price=price,
         exchange="NSE", last_qty=qty, volume=seq * qty, bid=price - 0.05, ask=price + 0.05,

@@ -18,7 +18,9 @@ async def create_topic(bootstrap: str, prefix: str, partitions: int) -> str:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name=name, num_partitions=partitions, replication_factor=1)])
+        await admin.create_topics(
+            [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
+        )
     finally:
         await admin.close()
     return name
@@ -26,7 +28,9 @@ async def create_topic(bootstrap: str, prefix: str, partitions: int) -> str:
 
 def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
     """Send (key, value) pairs in order (per key order is kept) and wait for every ack."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "enable.idempotence": True})
+    p = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "enable.idempotence": True}
+    )
     n = 0
     for key, value in messages:
         while True:
@@ -49,7 +53,10 @@ def _offsets(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int], di
         meta = c.list_topics(topic, timeout=10)
         parts = sorted(meta.topics[topic].partitions)
         ends = {p: c.get_watermark_offsets(CTopicPartition(topic, p), timeout=10)[1] for p in parts}
-        done = {tp.partition: tp.offset for tp in c.committed([CTopicPartition(topic, p) for p in parts], timeout=10)}
+        done = {
+            tp.partition: tp.offset
+            for tp in c.committed([CTopicPartition(topic, p) for p in parts], timeout=10)
+        }
         return ends, done
     finally:
         c.close()
@@ -69,11 +76,15 @@ async def wait_caught_up(bootstrap: str, group: str, topic: str, timeout_s: floa
 
 
 async def read_all(bootstrap: str, topic: str, timeout_s: float = 10) -> list[object]:
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await c.start()
     out: list[object] = []
     try:
-        ends = await c.end_offsets([TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()])
+        ends = await c.end_offsets(
+            [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
+        )
         total = sum(ends.values())
         deadline = time.monotonic() + timeout_s
         while len(out) < total and time.monotonic() < deadline:

@@ -22,7 +22,12 @@ async def private_settings(settings: Settings, partitions: int = 4) -> Settings:
     topic = await create_topic(settings.kafka_bootstrap, "test.ticks", partitions)
     dlq = await create_topic(settings.kafka_bootstrap, "test.dlq", 1)
     return settings.model_copy(
-        update={"topic_ticks": topic, "topic_dlq": dlq, "group_id": f"g-{uuid.uuid4().hex[:8]}", "metrics_port": 0}
+        update={
+            "topic_ticks": topic,
+            "topic_dlq": dlq,
+            "group_id": f"g-{uuid.uuid4().hex[:8]}",
+            "metrics_port": 0,
+        }
     )
 
 
@@ -55,8 +60,10 @@ def spawn_worker(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
         "NADI_GROUP_ID": settings.group_id,
         "NADI_METRICS_PORT": "0",
     }
-    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "nadi", "process"], env=env, stdout=out, stderr=out)
+    out = open(log_path, "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "nadi", "process"], env=env, stdout=out, stderr=out
+    )
 
 
 async def stored(pg: asyncpg.Connection) -> set[tuple[int, int, int]]:

@@ -32,7 +32,13 @@ def _reason(value: bytes, key: bytes | None = None) -> Reason:
 
 def test_valid_tick_decodes_with_unknown_fields_ignored() -> None:
     t = codec.decode(_raw(volume=10, feed="B", extra={"x": 1}), b"738561", NOW)
-    assert (t.instrument_token, t.sequence_id, t.exchange_ts_ns, t.volume, t.feed) == (738561, 5, NOW - NS, 10, "B")
+    assert (t.instrument_token, t.sequence_id, t.exchange_ts_ns, t.volume, t.feed) == (
+        738561,
+        5,
+        NOW - NS,
+        10,
+        "B",
+    )
 
 
 def test_iso_timestamp_with_offset_is_normalised_to_utc_ns() -> None:
@@ -54,9 +60,18 @@ def test_iso_timestamp_with_offset_is_normalised_to_utc_ns() -> None:
         (_raw(last_price=...), Reason.MISSING_FIELD),
         (_raw(exchange_ts=...), Reason.MISSING_FIELD),
         (_raw(exchange="NYSE"), Reason.WRONG_TYPE),
-        (b'{"instrument_token": 1, "sequence_id": 1, "exchange_ts": 1, "last_price": NaN}', Reason.NON_FINITE),
-        (b'{"instrument_token": 1, "sequence_id": 1, "exchange_ts": 1, "last_price": 1e999}', Reason.NON_FINITE),
-        (b'{"instrument_token": 1, "sequence_id": 1, "exchange_ts": 1, "bid": -Infinity}', Reason.NON_FINITE),
+        (
+            b'{"instrument_token": 1, "sequence_id": 1, "exchange_ts": 1, "last_price": NaN}',
+            Reason.NON_FINITE,
+        ),
+        (
+            b'{"instrument_token": 1, "sequence_id": 1, "exchange_ts": 1, "last_price": 1e999}',
+            Reason.NON_FINITE,
+        ),
+        (
+            b'{"instrument_token": 1, "sequence_id": 1, "exchange_ts": 1, "bid": -Infinity}',
+            Reason.NON_FINITE,
+        ),
         (b"[]", Reason.NOT_OBJECT),
         (b"{", Reason.BAD_JSON),
         (b"\xff\xfe{}", Reason.BAD_ENCODING),
@@ -88,8 +103,24 @@ def test_size_limit_is_checked_before_parsing() -> None:
     price=st.floats(0.01, 1e7, allow_nan=False),
     qty=st.none() | st.integers(0, 10**9),
 )
-def test_encode_decode_round_trip(token: int, seq: int, offset_us: int, price: float, qty: int | None) -> None:
-    t = Tick(token, seq, NOW - offset_us * 1000, price, "NSE", qty, None, None, None, None, None, None, "A")
+def test_encode_decode_round_trip(
+    token: int, seq: int, offset_us: int, price: float, qty: int | None
+) -> None:
+    t = Tick(
+        token,
+        seq,
+        NOW - offset_us * 1000,
+        price,
+        "NSE",
+        qty,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        "A",
+    )
     assert codec.decode(encode(t), str(token).encode(), NOW) == t
 
 

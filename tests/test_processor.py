@@ -40,17 +40,24 @@ async def test_feed_duplicates_become_one_row(env: Settings, pg: asyncpg.Connect
     assert await pg.fetchval("SELECT count(*) FROM ticks WHERE status <> 'OK'") == 0
 
 
-async def test_gap_is_recorded_exactly_and_next_tick_is_stale(env: Settings, pg: asyncpg.Connection) -> None:
+async def test_gap_is_recorded_exactly_and_next_tick_is_stale(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
     t0 = time.time_ns() - 60 * NS
     seqs = [1, 2, 3, 6, 7, 8, 12]
     await _run(env, [msg(tick(T1, s, t0 + s * 1000)) for s in seqs])
     gaps = await pg.fetch("SELECT from_seq, to_seq, status FROM sequence_gaps ORDER BY from_seq")
-    assert [(g["from_seq"], g["to_seq"], g["status"]) for g in gaps] == [(4, 5, "open"), (9, 11, "open")]
+    assert [(g["from_seq"], g["to_seq"], g["status"]) for g in gaps] == [
+        (4, 5, "open"),
+        (9, 11, "open"),
+    ]
     rows = dict(await pg.fetch("SELECT sequence_id, status FROM ticks ORDER BY sequence_id"))
     assert rows == {1: "OK", 2: "OK", 3: "OK", 6: "STALE", 7: "OK", 8: "OK", 12: "STALE"}
 
 
-async def test_reordered_tick_is_recovered_and_closes_its_gap(env: Settings, pg: asyncpg.Connection) -> None:
+async def test_reordered_tick_is_recovered_and_closes_its_gap(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
     t0 = time.time_ns() - 60 * NS
     ticks = {s: tick(T2, s, t0 + s * 1000) for s in range(1, 8)}
     # In one batch: 4 before 3.
@@ -60,12 +67,24 @@ async def test_reordered_tick_is_recovered_and_closes_its_gap(env: Settings, pg:
     assert await pg.fetchval("SELECT status FROM sequence_gaps WHERE from_seq = 5") == "open"
     await _run(env, [msg(ticks[6]), msg(ticks[5])])
     rows = dict(await pg.fetch("SELECT sequence_id, status FROM ticks"))
-    assert rows == {1: "OK", 2: "OK", 4: "STALE", 3: "RECOVERED", 7: "STALE", 6: "RECOVERED", 5: "RECOVERED"}
-    gaps = await pg.fetch("SELECT from_seq, to_seq, status, repaired_count FROM sequence_gaps ORDER BY from_seq")
+    assert rows == {
+        1: "OK",
+        2: "OK",
+        4: "STALE",
+        3: "RECOVERED",
+        7: "STALE",
+        6: "RECOVERED",
+        5: "RECOVERED",
+    }
+    gaps = await pg.fetch(
+        "SELECT from_seq, to_seq, status, repaired_count FROM sequence_gaps ORDER BY from_seq"
+    )
     assert [tuple(g) for g in gaps] == [(3, 3, "repaired", 1), (5, 6, "repaired", 2)]
 
 
-async def test_sequence_restarts_on_a_new_trading_day(env: Settings, pg: asyncpg.Connection) -> None:
+async def test_sequence_restarts_on_a_new_trading_day(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
     # 2 days ago and yesterday, 10:00 IST; the second day starts again at 1.
     day = 86_400 * NS
     base = (time.time_ns() // day) * day - 2 * day + (4 * 3600 + 1800) * NS
@@ -115,12 +134,18 @@ BAD = {
 }
 
 
-async def test_every_kind_of_bad_input_lands_in_the_dlq(env: Settings, pg: asyncpg.Connection) -> None:
+async def test_every_kind_of_bad_input_lands_in_the_dlq(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
     now = time.time_ns()
     good = [msg(tick(T1, s, now - 10 * NS + s)) for s in (1, 2, 3)]
     bad: list[tuple[bytes | None, bytes]] = []
     for reason, raw in BAD.items():
-        value = raw % (now + 3600 * NS) if reason == "future_timestamp" else raw.replace(b"%d", str(now).encode())
+        value = (
+            raw % (now + 3600 * NS)
+            if reason == "future_timestamp"
+            else raw.replace(b"%d", str(now).encode())
+        )
         bad.append((b"738561", value))
     await _run(env, [good[0], *bad, good[1], (None, b"null"), good[2]])
     assert await pg.fetchval("SELECT count(*) FROM ticks") == 3
@@ -136,7 +161,9 @@ async def test_every_kind_of_bad_input_lands_in_the_dlq(env: Settings, pg: async
     assert by_reason["bad_encoding"] == BAD["bad_encoding"]  # original bytes, untouched
 
 
-async def test_two_workers_split_partitions_with_the_same_result(env: Settings, pg: asyncpg.Connection) -> None:
+async def test_two_workers_split_partitions_with_the_same_result(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
     tokens = [T1, T2, T3, 341249, 1270529, 779521, 424961, 2714625]
     feed = Feed(tokens=tokens, n=20_000, dup_rate=0.5, gap_rate=0.01)
     async with running_worker(env) as w1, running_worker(env) as w2:
@@ -147,7 +174,9 @@ async def test_two_workers_split_partitions_with_the_same_result(env: Settings, 
         assert not w1.assigned & w2.assigned
         await asyncio.to_thread(produce, env.kafka_bootstrap, env.topic_ticks, feed.messages())
         await wait_caught_up(env.kafka_bootstrap, env.group_id, env.topic_ticks)
-        assert w1.committed_records > 0 and w2.committed_records > 0, "both workers must share the work"
+        assert w1.committed_records > 0 and w2.committed_records > 0, (
+            "both workers must share the work"
+        )
     assert await stored(pg) == feed.unique
     expected_gaps = sum(len(v) for v in feed.dropped.values())
     missing = await pg.fetchval("SELECT coalesce(sum(to_seq - from_seq + 1), 0) FROM sequence_gaps")

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 TOKENS = [738561, 408065, 2953217, 341249, 1270529, 779521, 424961, 2714625, 60417, 225537]
 
 
-def _produce_slowly(s: Settings, messages: list[tuple[bytes | None, bytes]], seconds: float) -> threading.Thread:
+def _produce_slowly(
+    s: Settings, messages: list[tuple[bytes | None, bytes]], seconds: float
+) -> threading.Thread:
     chunks = 20
     size = len(messages) // chunks + 1
 
@@ -41,7 +43,11 @@ def _produce_slowly(s: Settings, messages: list[tuple[bytes | None, bytes]], sec
 
 
 async def _scenario(
-    settings: Settings, tmp_path: Path, disrupt: Callable[[int], object], disruptions: int, seed: int
+    settings: Settings,
+    tmp_path: Path,
+    disrupt: Callable[[int], object],
+    disruptions: int,
+    seed: int,
 ) -> dict[str, int]:
     s = await private_settings(settings, partitions=6)
     admin = await asyncpg.connect(s.pg_dsn)

@@ -15,9 +15,21 @@ from nadi.tick import Tick
 _EPOCH_DAY = 719_163  # date(1970, 1, 1).toordinal()
 
 TICK_STAGE_COLUMNS = (
-    "instrument_token", "ts_us", "sequence_id", "last_price", "last_qty", "volume", "oi",
-    "bid", "ask", "bid_qty", "ask_qty", "status", "feed", "trading_day",
-)  # fmt: skip
+    "instrument_token",
+    "ts_us",
+    "sequence_id",
+    "last_price",
+    "last_qty",
+    "volume",
+    "oi",
+    "bid",
+    "ask",
+    "bid_qty",
+    "ask_qty",
+    "status",
+    "feed",
+    "trading_day",
+)
 GAP_STAGE_COLUMNS = ("instrument_token", "trading_day", "from_seq", "to_seq")
 
 CREATE_STAGES = """
@@ -56,6 +68,7 @@ def _day(ordinal_since_epoch: int) -> object:
 async def write_batch(
     conn: asyncpg.Connection,
     ticks: Sequence[Tick],
+    day_ordinals: Sequence[int],
     statuses: Sequence[str],
     gaps: Sequence[Gap],
     *,
@@ -64,16 +77,27 @@ async def write_batch(
     """Persist one batch atomically. Safe to repeat: a redelivered batch inserts nothing new."""
     days: dict[int, object] = {}
     records = []
-    for t, status in zip(ticks, statuses, strict=True):
-        d = t.trading_day_ordinal
+    for t, d, status in zip(ticks, day_ordinals, statuses, strict=True):
         day = days.get(d)
         if day is None:
             day = days[d] = _day(d)
         records.append(
             (
-                t.instrument_token, t.exchange_ts_ns // 1000, t.sequence_id, t.last_price,
-                t.last_qty, t.volume, t.oi, t.bid, t.ask, t.bid_qty, t.ask_qty, status, t.feed, day,
-            )  # fmt: skip
+                t.instrument_token,
+                t.exchange_ts_ns // 1000,
+                t.sequence_id,
+                t.last_price,
+                t.last_qty,
+                t.volume,
+                t.oi,
+                t.bid,
+                t.ask,
+                t.bid_qty,
+                t.ask_qty,
+                status,
+                t.feed,
+                day,
+            )
         )
     async with conn.transaction():
         await conn.copy_records_to_table("tick_stage", records=records, columns=TICK_STAGE_COLUMNS)

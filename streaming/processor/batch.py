@@ -21,7 +21,7 @@ from nadi.codec import Rejected, TickCodec
 from nadi.db.tick_writer import WriteResult, write_batch
 from nadi.logs import get_logger
 from nadi.ring import RingWriter
-from nadi.sequence import classify
+from nadi.sequence import Gap, classify
 from nadi.settings import Settings
 from nadi.tick import Tick
 from nadi.tick_state import Key, TickState
@@ -43,11 +43,10 @@ class _RecentPayloads:
     def get(self, k: tuple[int, int, int]) -> tuple[object, ...] | None:
         return self.current.get(k) or self.previous.get(k)
 
-    def put_many(self, ticks: Sequence[Tick]) -> None:
-        for t in ticks:
-            self.current[(t.instrument_token, t.trading_day_ordinal, t.sequence_id)] = (
-                t.payload_fingerprint()
-            )
+    def put_many(self, ticks: Sequence[Tick], keys: Sequence[Key]) -> None:
+        cur = self.current
+        for t, k in zip(ticks, keys, strict=True):
+            cur[(k[0], k[1], t.sequence_id)] = t.payload_fingerprint()
         if len(self.current) > self.size:
             self.previous, self.current = self.current, {}
 
@@ -84,7 +83,9 @@ class BatchProcessor:
             max_age_s=settings.max_tick_age_s,
         )
         self.state = TickState(redis_client, settings.dedup_ttl_s)
-        self.ring = RingWriter(redis_client, maxlen=settings.ring_maxlen, ttl_s=settings.dedup_ttl_s)
+        self.ring = RingWriter(
+            redis_client, maxlen=settings.ring_maxlen, ttl_s=settings.dedup_ttl_s
+        )
         self.recent = _RecentPayloads()
         self.known_tokens: frozenset[int] | None = None
 
@@ -108,19 +109,22 @@ class BatchProcessor:
         """Dedup, sequence and write valid ticks to TimescaleDB and the ring together."""
         t0 = time.perf_counter()
         report = BatchReport(received=len(ticks))
-        unique = self._dedup_in_batch(ticks, report)
-        persisted, last = await self.state.load(unique)
-        fresh = []
-        for t, done in zip(unique, persisted, strict=True):
+        unique, keys = self._dedup_in_batch(ticks, report)
+        persisted, last = await self.state.load(keys, [t.sequence_id for t in unique])
+        fresh: list[Tick] = []
+        fresh_keys: list[Key] = []
+        for t, key, done in zip(unique, keys, persisted, strict=True):
             if done:
-                self._count_duplicate(t, "redis", report)
+                self._count_duplicate(t, key, "redis", report)
             else:
                 fresh.append(t)
-        await self._fill_unknown_state(fresh, last)
-        cls = classify(fresh, last)
+                fresh_keys.append(key)
+        await self._fill_unknown_state(fresh_keys, last)
+        cls = classify(fresh, last, fresh_keys)
+        days = [k[1] for k in fresh_keys]
         results = await asyncio.gather(
-            self._write(fresh, cls.statuses, cls.gaps),
-            self.ring.append(fresh, cls.statuses),
+            self._write(fresh, days, cls.statuses, cls.gaps),
+            self.ring.append(fresh, days, cls.statuses),
             return_exceptions=True,  # both finish before we look: no orphaned task
         )
         for r in results:
@@ -131,34 +135,39 @@ class BatchProcessor:
         report.written = written
         report.ring_appended = sum(1 for o in offsets if o is not None)
         by_key: dict[Key, list[int]] = {}
-        for t in fresh:
-            by_key.setdefault((t.instrument_token, t.trading_day_ordinal), []).append(t.sequence_id)
+        for t, key in zip(fresh, fresh_keys, strict=True):
+            by_key.setdefault(key, []).append(t.sequence_id)
         await self.state.commit(by_key, cls.last)
-        self.recent.put_many(fresh)
+        self.recent.put_many(fresh, fresh_keys)
         self._observe(report, fresh)
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _dedup_in_batch(self, ticks: Sequence[Tick], report: BatchReport) -> list[Tick]:
+    def _dedup_in_batch(
+        self, ticks: Sequence[Tick], report: BatchReport
+    ) -> tuple[list[Tick], list[Key]]:
         first: dict[tuple[int, int, int], Tick] = {}
         unique: list[Tick] = []
+        keys: list[Key] = []
         for t in ticks:
-            k = (t.instrument_token, t.trading_day_ordinal, t.sequence_id)
+            day = t.trading_day_ordinal
+            k = (t.instrument_token, day, t.sequence_id)
             seen = first.get(k)
             if seen is None:
                 first[k] = t
                 unique.append(t)
+                keys.append((t.instrument_token, day))
             else:
                 report.duplicates += 1
                 metrics.DUPLICATES.labels(stage="batch").inc()
                 if seen.payload_fingerprint() != t.payload_fingerprint():
                     self._conflict(seen, t, report)
-        return unique
+        return unique, keys
 
-    def _count_duplicate(self, t: Tick, stage: str, report: BatchReport) -> None:
+    def _count_duplicate(self, t: Tick, key: Key, stage: str, report: BatchReport) -> None:
         report.duplicates += 1
         metrics.DUPLICATES.labels(stage=stage).inc()
-        kept = self.recent.get((t.instrument_token, t.trading_day_ordinal, t.sequence_id))
+        kept = self.recent.get((key[0], key[1], t.sequence_id))
         if kept is not None and kept != t.payload_fingerprint():
             report.conflicts += 1
             metrics.CONFLICTS.inc()
@@ -182,10 +191,10 @@ class BatchProcessor:
             other_price=other.last_price,
         )
 
-    async def _fill_unknown_state(self, ticks: Sequence[Tick], last: dict[Key, int | None]) -> None:
+    async def _fill_unknown_state(self, keys: Sequence[Key], last: dict[Key, int | None]) -> None:
         """Where Redis has no state for an (instrument, day), ask the database (Redis may have
         been flushed); only an instrument-day with no stored tick starts a new count."""
-        unknown = [k for k in {(t.instrument_token, t.trading_day_ordinal) for t in ticks} if last.get(k) is None]
+        unknown = [k for k in set(keys) if last.get(k) is None]
         if not unknown:
             return
         from datetime import date
@@ -203,11 +212,17 @@ class BatchProcessor:
         for token, day, max_seq in rows:
             last[(token, day.toordinal() - 719_163)] = max_seq
 
-    async def _write(self, ticks: Sequence[Tick], statuses: Sequence[str], gaps: Sequence[object]) -> WriteResult:
+    async def _write(
+        self,
+        ticks: Sequence[Tick],
+        days: Sequence[int],
+        statuses: Sequence[str],
+        gaps: Sequence[Gap],
+    ) -> WriteResult:
         if not ticks:
             return WriteResult(0, 0, 0, 0, 0, 0)
         async with self.pool.acquire() as conn:
-            return await write_batch(conn, ticks, statuses, gaps, mark_dirty=self.mark_dirty)  # type: ignore[arg-type]
+            return await write_batch(conn, ticks, days, statuses, gaps, mark_dirty=self.mark_dirty)
 
     def _observe(self, report: BatchReport, fresh: Sequence[Tick]) -> None:
         w = report.written

@@ -12,7 +12,9 @@ from nadi import metrics
 from nadi.codec import Rejected
 
 
-def dlq_headers(record: ConsumerRecord[bytes, bytes], rejected: Rejected) -> list[tuple[str, bytes]]:
+def dlq_headers(
+    record: ConsumerRecord[bytes, bytes], rejected: Rejected
+) -> list[tuple[str, bytes]]:
     original = [(k, v) for k, v in (record.headers or ()) if k not in _OURS]
     return [
         *original,

@@ -61,7 +61,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class MarketDataProcessor:
-    def __init__(self, settings: Settings, *, topic: str | None = None, revoke_wait_s: float = 20.0) -> None:
+    def __init__(
+        self, settings: Settings, *, topic: str | None = None, revoke_wait_s: float = 20.0
+    ) -> None:
         self.s = settings
         self.topic = topic or settings.topic_ticks
         self.revoke_wait_s = revoke_wait_s
@@ -118,7 +120,9 @@ class MarketDataProcessor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
 
-    async def _loop(self, consumer: AIOKafkaConsumer, processor: BatchProcessor, pool: object) -> None:
+    async def _loop(
+        self, consumer: AIOKafkaConsumer, processor: BatchProcessor, pool: object
+    ) -> None:
         last_refresh = time.monotonic()
         while not self.stop_event.is_set():
             batch: dict[TopicPartition, list[Record]] = await consumer.getmany(
@@ -131,7 +135,9 @@ class MarketDataProcessor:
                 records = [r for recs in batch.values() for r in recs]
                 try:
                     ticks, rejects = processor.decode(records)
-                    await self._retrying(consumer, "dlq", lambda: processor.publish_rejects(rejects))
+                    await self._retrying(
+                        consumer, "dlq", lambda: processor.publish_rejects(rejects)
+                    )
                     await self._retrying(consumer, "sinks", lambda: processor.persist(ticks))
                 except _Abandoned:
                     continue
@@ -145,7 +151,9 @@ class MarketDataProcessor:
                 with contextlib.suppress(Exception):
                     processor.known_tokens = await self._known_tokens(pool)
 
-    async def _retrying(self, consumer: AIOKafkaConsumer, sink: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(
+        self, consumer: AIOKafkaConsumer, sink: str, fn: Callable[[], Awaitable[T]]
+    ) -> T:
         """Run ``fn`` until it succeeds; meanwhile pause the partitions and keep polling."""
         wait = wait_exponential_jitter(multiplier=0.2, max=10)
         attempt = 0
@@ -154,10 +162,15 @@ class MarketDataProcessor:
             while True:
                 try:
                     return await fn()
-                except Exception as e:  # noqa: BLE001 - any failure of a sink is retried
+                except Exception as e:
                     attempt += 1
                     metrics.WRITE_RETRIES.labels(sink=sink).inc()
-                    log.warning("batch write failed; retrying", sink=sink, attempt=attempt, error=repr(e)[:300])
+                    log.warning(
+                        "batch write failed; retrying",
+                        sink=sink,
+                        attempt=attempt,
+                        error=repr(e)[:300],
+                    )
                     if not paused:
                         consumer.pause(*consumer.assignment())
                         metrics.PAUSED.set(1)
@@ -168,13 +181,17 @@ class MarketDataProcessor:
                         if self.stop_event.is_set() or self.revoking:
                             raise _Abandoned from e
                         # Paused partitions return nothing; polling keeps us in the group.
-                        await consumer.getmany(timeout_ms=int(min(0.5, deadline - time.monotonic()) * 1000) + 1)
+                        await consumer.getmany(
+                            timeout_ms=int(min(0.5, deadline - time.monotonic()) * 1000) + 1
+                        )
         finally:
             if paused:
                 consumer.resume(*consumer.assignment())
                 metrics.PAUSED.set(0)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]) -> None:
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]
+    ) -> None:
         offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
         try:
             await consumer.commit(offsets)
@@ -185,11 +202,15 @@ class MarketDataProcessor:
             # above is idempotent, so redelivery is harmless.
             log.warning("commit failed; batch will be redelivered", error=repr(e)[:200])
 
-    def _observe_lag(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]) -> None:
+    def _observe_lag(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]
+    ) -> None:
         for tp, recs in batch.items():
             hw = consumer.highwater(tp)
             if hw is not None and recs:
-                metrics.LAG.labels(partition=str(tp.partition)).set(max(0, hw - recs[-1].offset - 1))
+                metrics.LAG.labels(partition=str(tp.partition)).set(
+                    max(0, hw - recs[-1].offset - 1)
+                )
 
     @staticmethod
     async def _known_tokens(pool: object) -> frozenset[int]:

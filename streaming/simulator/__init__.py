@@ -1,0 +1,1 @@
+"""The synthetic NSE feed (``nadi simulate``): ticks, redundant feeds, Kafka, recovery, bhavcopy."""

@@ -1,0 +1,208 @@
+"""The simulator's retransmission (recovery) server and its client.
+
+Like an exchange's recovery server: ask for a sequence range of one instrument on one trading
+day and get those ticks again. The server regenerates them from the seed, so they are exactly
+what the feed sent (same ``exchange_ts``, prices, quantities; ``feed`` is null). Session days
+are pure functions of (seed, instrument set, density); live days need the running simulator's
+anchor and rate, so ``nadi simulate`` registers its live generators with the app it serves.
+
+``GET /v1/retransmit?instrument_token=&trading_day=YYYY-MM-DD&from_seq=&to_seq=`` -> NDJSON
+``GET /v1/bhavcopy?trading_day=YYYY-MM-DD`` -> the session day's bhavcopy CSV
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import date
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from nadi.calendar import is_trading_day
+from nadi.codec import TickCodec, encode
+from nadi.instruments import Instrument, bundled_instruments
+from nadi.tick import Tick
+from streaming.simulator.bhavcopy import bhavcopy_csv, bhavcopy_filename
+from streaming.simulator.generator import DEFAULT_DENSITY, DayGenerator
+
+MAX_RANGE = 100_000
+InstrumentSource = Sequence[Instrument] | Callable[[date], Sequence[Instrument]]
+
+
+class GeneratorRegistry:
+    """Day -> generator: registered live days first, else a (cached) session-mode generator."""
+
+    def __init__(
+        self, seed: int, instruments: InstrumentSource | None = None, *,
+        density: float = DEFAULT_DENSITY, cache_days: int = 4,
+    ) -> None:  # fmt: skip
+        self.seed = seed
+        self._instruments = instruments
+        self.density = density
+        self._live: dict[date, DayGenerator] = {}
+        self._session: OrderedDict[date, DayGenerator] = OrderedDict()
+        self._cache_days = cache_days
+        self._lock = threading.Lock()  # the simulate process registers from another thread
+
+    def instruments_for(self, day: date) -> Sequence[Instrument]:
+        src = self._instruments
+        if src is None:
+            return bundled_instruments(day)
+        return src(day) if callable(src) else src
+
+    def register(self, gen: DayGenerator) -> None:
+        """Serve ``gen``'s day from ``gen`` (live mode, or a session generator built elsewhere)."""
+        with self._lock:
+            self._live[gen.trading_day] = gen
+
+    def get(self, day: date) -> DayGenerator | None:
+        with self._lock:
+            if day in self._live:
+                return self._live[day]
+            if day in self._session:
+                self._session.move_to_end(day)
+                return self._session[day]
+        if not is_trading_day(day):
+            return None
+        gen = DayGenerator(self.instruments_for(day), self.seed, day, density=self.density)
+        with self._lock:
+            self._session[day] = gen
+            while len(self._session) > self._cache_days:
+                self._session.popitem(last=False)
+        return gen
+
+
+def _bad(msg: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status)
+
+
+def _int_param(q: dict[str, str], name: str, minimum: int) -> int:
+    raw = q.get(name)
+    if raw is None or raw == "":
+        raise ValueError(f"{name} is required")
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}")
+    return v
+
+
+def _day_param(q: dict[str, str]) -> date:
+    raw = q.get("trading_day")
+    if not raw:
+        raise ValueError("trading_day is required (YYYY-MM-DD)")
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"trading_day must be YYYY-MM-DD, got {raw[:40]!r}") from None
+
+
+def create_recovery_app(
+    seed: int,
+    instruments: InstrumentSource | None = None,
+    *,
+    density: float = DEFAULT_DENSITY,
+    max_range: int = MAX_RANGE,
+    registry: GeneratorRegistry | None = None,
+) -> FastAPI:
+    """The recovery app. ``instruments``: the simulator's master (a list, or day -> list;
+    default the bundled master of each day). ``app.state.registry`` takes live generators."""
+    reg = registry or GeneratorRegistry(seed, instruments, density=density)
+    app = FastAPI(title="Nadi simulator recovery server", version="1")
+    app.state.registry = reg
+
+    @app.get("/v1/retransmit")
+    def retransmit(request: Request) -> Response:
+        """Ticks ``from_seq..to_seq`` (inclusive) of one instrument and day, NDJSON."""
+        q = dict(request.query_params)
+        try:
+            token = _int_param(q, "instrument_token", 1)
+            day = _day_param(q)
+            lo = _int_param(q, "from_seq", 1)
+            hi = _int_param(q, "to_seq", 1)
+            if hi < lo:
+                raise ValueError("to_seq must be >= from_seq")
+            if hi - lo + 1 > max_range:
+                raise ValueError(f"range of {hi - lo + 1} sequences exceeds the cap of {max_range}")
+        except ValueError as e:
+            return _bad(str(e))
+        gen = reg.get(day)
+        if gen is None:
+            return _bad(f"no feed on {day}: not a trading day", 404)
+        if token not in gen.instruments:
+            return _bad(f"unknown instrument_token {token} on {day}", 404)
+        ticks = gen.ticks(token, lo, hi)
+        if gen.mode == "live":  # what has not been sent yet cannot be retransmitted
+            now = time.time_ns()
+            ticks = [t for t in ticks if t.exchange_ts_ns <= now]
+        body = b"".join(encode(t) + b"\n" for t in ticks)
+        return Response(body, media_type="application/x-ndjson")
+
+    @app.get("/v1/bhavcopy")
+    def bhavcopy(request: Request) -> Response:
+        """The session day's bhavcopy CSV (live days are never complete: 404)."""
+        try:
+            day = _day_param(dict(request.query_params))
+        except ValueError as e:
+            return _bad(str(e))
+        gen = reg.get(day)
+        if gen is None or gen.mode != "session":
+            return _bad(f"no complete session for {day}", 404)
+        return PlainTextResponse(
+            bhavcopy_csv(gen),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{bhavcopy_filename(gen)}"'},
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+# Retransmitted ticks may be days old: only the wire format is checked, not the age window.
+_codec = TickCodec(max_future_skew_s=1e12, max_age_s=1e12)
+
+
+async def fetch_retransmission(
+    base_url: str,
+    token: int,
+    day: date,
+    from_seq: int,
+    to_seq: int,
+    *,
+    client: httpx.AsyncClient | None = None,
+    chunk: int = MAX_RANGE,
+    timeout_s: float = 30.0,
+) -> list[Tick]:
+    """Ticks ``from_seq..to_seq`` of ``token`` on ``day`` from a recovery server.
+
+    Splits the range into server-sized chunks; raises ``httpx.HTTPStatusError`` on 4xx/5xx.
+    """
+    own = client is None
+    c = client or httpx.AsyncClient(timeout=timeout_s)
+    url = f"{base_url.rstrip('/')}/v1/retransmit"
+    out: list[Tick] = []
+    try:
+        lo = from_seq
+        while lo <= to_seq:
+            hi = min(to_seq, lo + chunk - 1)
+            r = await c.get(
+                url,
+                params={"instrument_token": token, "trading_day": day.isoformat(),
+                        "from_seq": lo, "to_seq": hi},
+            )  # fmt: skip
+            r.raise_for_status()
+            out.extend(_codec.decode(line) for line in r.content.splitlines() if line)
+            lo = hi + 1
+    finally:
+        if own:
+            await c.aclose()
+    return out
