@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from api.cli import api
 from nadi.settings import get_settings
 from nadi.supervisor import Component, supervise
 from streaming.simulator.cli import instruments_load, simulate
@@ -28,6 +29,7 @@ app.add_typer(bench_app, name="bench")
 instruments_app = typer.Typer(help="The instrument master.", no_args_is_help=True)
 app.add_typer(instruments_app, name="instruments")
 app.command("simulate")(simulate)
+app.command("api")(api)
 instruments_app.command("load")(instruments_load)
 
 

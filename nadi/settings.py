@@ -49,6 +49,29 @@ class Settings(BaseSettings):
     dedup_ttl_s: int = Field(2 * 86400, ge=60)
     metrics_port: int = Field(9108, ge=0, le=65535)
 
+    # API and WebSocket hub (issue "Serving").
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    allowed_origins: str = Field(
+        "http://127.0.0.1:8000,http://localhost:8000",
+        description="comma-separated Origin allowlist for browsers ('*' allows any)",
+    )
+    ws_queue_size: int = Field(1000, ge=10, description="outbound messages per connection")
+    ws_stall_timeout_s: float = Field(
+        30.0, gt=0, description="disconnect a client stalled this long"
+    )
+    ws_max_message_bytes: int = Field(16_384, ge=256, description="largest client message")
+    ws_max_subscriptions: int = Field(200, ge=1, description="instruments per connection")
+    ws_max_connections_per_key: int = Field(2000, ge=1)
+    replay_chunk_rows: int = Field(5000, ge=100, description="rows per keyset page of a replay")
+
+    # Orchestration (issue "Orchestration").
+    recovery_url: str = Field(
+        "http://127.0.0.1:8765", description="the exchange recovery (retransmission) service"
+    )
+    bhavcopy_dir: Path = _REPO_ROOT / ".nadi" / "bhavcopy"
+    gap_repair_max_attempts: int = Field(3, ge=1)
+
     # Where local services keep data, builds and logs (git-ignored).
     home: Path = _REPO_ROOT / ".nadi"
     dagster_home: Path = Field(
@@ -113,6 +136,10 @@ class Settings(BaseSettings):
     @property
     def kafka_port(self) -> int:
         return int(self.kafka_bootstrap.split(",")[0].rpartition(":")[2])
+
+    @property
+    def origin_set(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.allowed_origins.split(",") if o.strip())
 
     @property
     def api_key_set(self) -> frozenset[str]:
