@@ -1,7 +1,13 @@
-"""One batch through the MarketDataProcessor: decode, dedup, sequence, persist + ring.
+"""One batch through the MarketDataProcessor, in two stages so batches can overlap:
 
-``BatchProcessor.process`` is idempotent: run it again on the same records (after a failure or
-a redelivery) and the database, the ring and the Redis state end up the same.
+``prepare`` (CPU and reads): decode, drop redundant packets, load sequence state, classify.
+``write`` (durability): TimescaleDB and the Redis ring together, then the Redis state.
+
+Batches are written strictly in order, so ``prepare`` of batch N+1 may run while batch N is
+being written: it sees N's effect through the in-memory caches (the last sequence per
+instrument and the recently classified sequences), which are authoritative for the partitions
+this worker owns and are reset whenever ownership changes or a batch is abandoned.
+``write`` is idempotent: repeated after a failure or a redelivery it changes nothing more.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -29,13 +36,19 @@ from streaming.processor import dlq
 
 log = get_logger(__name__)
 Record = ConsumerRecord[bytes, bytes]
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
-class _RecentPayloads:
-    """Fingerprints of recently stored sequences, to tell a redundant duplicate from a
-    conflicting one. Two generations of a dict bound the memory (about 2 x ``size`` entries)."""
+class Stale(Exception):
+    """Ownership changed while the batch was prepared: drop it (it will be redelivered)."""
 
-    def __init__(self, size: int = 200_000) -> None:
+
+class _Recent:
+    """Fingerprints of sequences this worker classified lately, to drop redundant packets of
+    in-flight batches and to tell a redundant duplicate from a conflicting one. Two dict
+    generations bound the memory at about 2 x ``size`` entries."""
+
+    def __init__(self, size: int = 500_000) -> None:
         self.size = size
         self.current: dict[tuple[int, int, int], tuple[object, ...]] = {}
         self.previous: dict[tuple[int, int, int], tuple[object, ...]] = {}
@@ -47,22 +60,35 @@ class _RecentPayloads:
         cur = self.current
         for t, k in zip(ticks, keys, strict=True):
             cur[(k[0], k[1], t.sequence_id)] = t.payload_fingerprint()
-        if len(self.current) > self.size:
-            self.previous, self.current = self.current, {}
+        if len(cur) > self.size:
+            self.previous, self.current = cur, {}
+
+    def clear(self) -> None:
+        self.current, self.previous = {}, {}
 
 
 @dataclass
 class BatchReport:
-    received: int = 0  # valid ticks handed to persist()
+    received: int = 0  # valid ticks handed to prepare()
     duplicates: int = 0
     conflicts: int = 0
     written: WriteResult | None = None
     ring_appended: int = 0
-    seconds: float = 0.0
+
+
+@dataclass
+class Prepared:
+    generation: int
+    fresh: list[Tick]
+    keys: list[Key]
+    statuses: list[str]
+    gaps: list[Gap]
+    last: dict[Key, int]
+    report: BatchReport = field(default_factory=BatchReport)
 
 
 class BatchProcessor:
-    """Owns nothing: the pool, Redis client and producer belong to the worker."""
+    """Owns the caches; the pool, Redis client and producer belong to the worker."""
 
     def __init__(
         self,
@@ -86,8 +112,16 @@ class BatchProcessor:
         self.ring = RingWriter(
             redis_client, maxlen=settings.ring_maxlen, ttl_s=settings.dedup_ttl_s
         )
-        self.recent = _RecentPayloads()
+        self.recent = _Recent()
+        self.last: dict[Key, int] = {}
+        self.generation = 0
         self.known_tokens: frozenset[int] | None = None
+
+    def reset(self) -> None:
+        """Forget the caches: ownership changed or a prepared batch was abandoned."""
+        self.generation += 1
+        self.recent.clear()
+        self.last.clear()
 
     def decode(self, records: Sequence[Record]) -> tuple[list[Tick], list[tuple[Record, Rejected]]]:
         good: list[Tick] = []
@@ -101,16 +135,12 @@ class BatchProcessor:
                 bad.append((r, e))
         return good, bad
 
-    async def publish_rejects(self, rejects: Sequence[tuple[Record, Rejected]]) -> None:
-        """Dead-letter the rejects; returns once Kafka acknowledged them all."""
-        await dlq.publish(self.producer, self.s.topic_dlq, rejects)
-
-    async def persist(self, ticks: Sequence[Tick]) -> BatchReport:
-        """Dedup, sequence and write valid ticks to TimescaleDB and the ring together."""
-        t0 = time.perf_counter()
+    async def prepare(self, ticks: Sequence[Tick]) -> Prepared:
+        """Drop redundant packets and classify the rest; no durable effect."""
+        generation = self.generation
         report = BatchReport(received=len(ticks))
-        unique, keys = self._dedup_in_batch(ticks, report)
-        persisted, last = await self.state.load(keys, [t.sequence_id for t in unique])
+        unique, keys = self._dedup_in_memory(ticks, report)
+        persisted, redis_last = await self.state.load(keys, [t.sequence_id for t in unique])
         fresh: list[Tick] = []
         fresh_keys: list[Key] = []
         for t, key, done in zip(unique, keys, persisted, strict=True):
@@ -119,12 +149,31 @@ class BatchProcessor:
             else:
                 fresh.append(t)
                 fresh_keys.append(key)
-        await self._fill_unknown_state(fresh_keys, last)
+        last: dict[Key, int | None] = {}
+        for k in set(fresh_keys):
+            last[k] = self.last[k] if k in self.last else redis_last.get(k)
+        await self._fill_unknown_state(last)
+        if generation != self.generation:
+            raise Stale
         cls = classify(fresh, last, fresh_keys)
-        days = [k[1] for k in fresh_keys]
+        # From here on, synchronously: later batches see this one as if it were written.
+        self.recent.put_many(fresh, fresh_keys)
+        self.last.update(cls.last)
+        if len(self.last) > 200_000:  # old trading days pile up in a long-lived worker
+            self.last.clear()
+            self.last.update(cls.last)
+        return Prepared(generation, fresh, fresh_keys, cls.statuses, cls.gaps, cls.last, report)
+
+    async def publish_rejects(self, rejects: Sequence[tuple[Record, Rejected]]) -> None:
+        """Dead-letter the rejects; returns once Kafka acknowledged them all."""
+        await dlq.publish(self.producer, self.s.topic_dlq, rejects)
+
+    async def write(self, p: Prepared) -> BatchReport:
+        """Make a prepared batch durable in TimescaleDB and the ring, then advance the state."""
+        days = [k[1] for k in p.keys]
         results = await asyncio.gather(
-            self._write(fresh, days, cls.statuses, cls.gaps),
-            self.ring.append(fresh, days, cls.statuses),
+            self._write_db(p.fresh, days, p.statuses, p.gaps),
+            self.ring.append(p.fresh, days, p.statuses),
             return_exceptions=True,  # both finish before we look: no orphaned task
         )
         for r in results:
@@ -132,73 +181,71 @@ class BatchProcessor:
                 raise r
         written, offsets = results
         assert isinstance(written, WriteResult) and isinstance(offsets, list)
-        report.written = written
-        report.ring_appended = sum(1 for o in offsets if o is not None)
         by_key: dict[Key, list[int]] = {}
-        for t, key in zip(fresh, fresh_keys, strict=True):
+        for t, key in zip(p.fresh, p.keys, strict=True):
             by_key.setdefault(key, []).append(t.sequence_id)
-        await self.state.commit(by_key, cls.last)
-        self.recent.put_many(fresh, fresh_keys)
-        self._observe(report, fresh)
-        report.seconds = time.perf_counter() - t0
-        return report
+        await self.state.commit(by_key, p.last)
+        p.report.written = written
+        p.report.ring_appended = sum(1 for o in offsets if o is not None)
+        self._observe(p.report, p.fresh)
+        return p.report
 
-    def _dedup_in_batch(
+    def _dedup_in_memory(
         self, ticks: Sequence[Tick], report: BatchReport
     ) -> tuple[list[Tick], list[Key]]:
         first: dict[tuple[int, int, int], Tick] = {}
         unique: list[Tick] = []
         keys: list[Key] = []
+        recent = self.recent
         for t in ticks:
             day = t.trading_day_ordinal
             k = (t.instrument_token, day, t.sequence_id)
             seen = first.get(k)
-            if seen is None:
-                first[k] = t
-                unique.append(t)
-                keys.append((t.instrument_token, day))
-            else:
+            if seen is not None:
                 report.duplicates += 1
                 metrics.DUPLICATES.labels(stage="batch").inc()
                 if seen.payload_fingerprint() != t.payload_fingerprint():
-                    self._conflict(seen, t, report)
+                    self._conflict(k, seen.feed, t.feed, report)
+                continue
+            kept = recent.get(k)
+            if kept is not None:
+                report.duplicates += 1
+                metrics.DUPLICATES.labels(stage="memory").inc()
+                if kept != t.payload_fingerprint():
+                    self._conflict(k, None, t.feed, report)
+                continue
+            first[k] = t
+            unique.append(t)
+            keys.append((t.instrument_token, day))
         return unique, keys
 
     def _count_duplicate(self, t: Tick, key: Key, stage: str, report: BatchReport) -> None:
         report.duplicates += 1
         metrics.DUPLICATES.labels(stage=stage).inc()
-        kept = self.recent.get((key[0], key[1], t.sequence_id))
-        if kept is not None and kept != t.payload_fingerprint():
-            report.conflicts += 1
-            metrics.CONFLICTS.inc()
-            log.warning(
-                "sequence conflict: kept the first payload",
-                instrument_token=t.instrument_token,
-                sequence_id=t.sequence_id,
-                feed=t.feed,
-            )
 
-    def _conflict(self, kept: Tick, other: Tick, report: BatchReport) -> None:
+    def _conflict(
+        self,
+        k: tuple[int, int, int],
+        kept_feed: str | None,
+        other_feed: str | None,
+        report: BatchReport,
+    ) -> None:
         report.conflicts += 1
         metrics.CONFLICTS.inc()
         log.warning(
             "sequence conflict: kept the first payload",
-            instrument_token=kept.instrument_token,
-            sequence_id=kept.sequence_id,
-            kept_feed=kept.feed,
-            other_feed=other.feed,
-            kept_price=kept.last_price,
-            other_price=other.last_price,
+            instrument_token=k[0],
+            sequence_id=k[2],
+            kept_feed=kept_feed,
+            other_feed=other_feed,
         )
 
-    async def _fill_unknown_state(self, keys: Sequence[Key], last: dict[Key, int | None]) -> None:
-        """Where Redis has no state for an (instrument, day), ask the database (Redis may have
-        been flushed); only an instrument-day with no stored tick starts a new count."""
-        unknown = [k for k in set(keys) if last.get(k) is None]
+    async def _fill_unknown_state(self, last: dict[Key, int | None]) -> None:
+        """Where neither memory nor Redis knows an (instrument, day), ask the database (Redis
+        may have been flushed); only an instrument-day with no stored tick starts a new count."""
+        unknown = [k for k, v in last.items() if v is None]
         if not unknown:
             return
-        from datetime import date
-
         rows = await self.pool.fetch(
             """SELECT k.token, k.day,
                       (SELECT max(t.sequence_id) FROM ticks t
@@ -207,12 +254,12 @@ class BatchProcessor:
                           AND t.exchange_ts < ((k.day + 1)::timestamp AT TIME ZONE 'Asia/Kolkata'))
                  FROM unnest($1::bigint[], $2::date[]) AS k(token, day)""",
             [k[0] for k in unknown],
-            [date.fromordinal(719_163 + k[1]) for k in unknown],
+            [date.fromordinal(_EPOCH_ORDINAL + k[1]) for k in unknown],
         )
         for token, day, max_seq in rows:
-            last[(token, day.toordinal() - 719_163)] = max_seq
+            last[(token, day.toordinal() - _EPOCH_ORDINAL)] = max_seq
 
-    async def _write(
+    async def _write_db(
         self,
         ticks: Sequence[Tick],
         days: Sequence[int],
@@ -232,11 +279,9 @@ class BatchProcessor:
             metrics.RECOVERED.inc(w.recovered)
             metrics.GAPS.inc(w.gaps_new)
             metrics.GAPS_CLOSED.inc(w.gaps_closed)
-            dup_db = len(fresh) - w.inserted - w.late_dropped
+            dup_db = len(fresh) - w.inserted
             if dup_db > 0:
                 metrics.DUPLICATES.labels(stage="database").inc(dup_db)
-            if w.late_dropped:
-                metrics.DUPLICATES.labels(stage="database").inc(w.late_dropped)
         if self.known_tokens is not None:
             unknown = sum(1 for t in fresh if t.instrument_token not in self.known_tokens)
             if unknown:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -23,11 +25,12 @@ from prometheus_client import start_http_server
 from tenacity import wait_exponential_jitter
 
 from nadi import metrics
+from nadi.codec import Rejected
 from nadi.db.pool import create_pool
 from nadi.db.tick_writer import init_connection
 from nadi.logs import get_logger
 from nadi.settings import Settings
-from streaming.processor.batch import BatchProcessor, Record
+from streaming.processor.batch import BatchProcessor, Prepared, Record, Stale
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -42,37 +45,45 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Let an in-flight batch finish and commit; one stuck in retries is abandoned (its
-        # records go to the next owner uncommitted, which is safe).
+        # Let the in-flight write finish and commit; one stuck in retries is abandoned (its
+        # records go to the next owner uncommitted, which is safe). Prepared batches are
+        # dropped and the caches reset: the partitions may be someone else's next.
         w = self.worker
         w.assigned -= revoked
         w.revoking = True
         try:
-            await asyncio.wait_for(w.batch_lock.acquire(), timeout=w.revoke_wait_s)
-            w.batch_lock.release()
-        except TimeoutError:
-            log.warning("in-flight batch abandoned on revoke", partitions=len(revoked))
+            if w.pending is not None:
+                await asyncio.wait({w.pending}, timeout=w.revoke_wait_s)
         finally:
+            if w.processor is not None:
+                w.processor.reset()
             w.revoking = False
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.worker.assigned |= assigned
+        if self.worker.processor is not None:
+            self.worker.processor.reset()
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
 class MarketDataProcessor:
+    """A worker of the consumer group. Owns its Kafka clients, pool, Redis client and the
+    single in-flight write task; ``stop()`` drains it and commits."""
+
     def __init__(
         self, settings: Settings, *, topic: str | None = None, revoke_wait_s: float = 20.0
     ) -> None:
         self.s = settings
         self.topic = topic or settings.topic_ticks
         self.revoke_wait_s = revoke_wait_s
-        self.batch_lock = asyncio.Lock()
         self.revoking = False
         self.stop_event = asyncio.Event()
         self.batches = 0
-        self.assigned: set[TopicPartition] = set()
         self.committed_records = 0
+        self.assigned: set[TopicPartition] = set()
+        self.pending: asyncio.Task[None] | None = None
+        self.processor: BatchProcessor | None = None
+        self._paused = 0
 
     async def run(self) -> None:
         """Consume until :meth:`stop` (or SIGTERM/SIGINT when installed) is called."""
@@ -97,14 +108,18 @@ class MarketDataProcessor:
         await producer.start()
         try:
             mode = await pool.fetchval("SELECT mode FROM candle_mode")
-            processor = BatchProcessor(s, pool, redis_client, producer, mark_dirty=mode == "rollup")
-            processor.known_tokens = await self._known_tokens(pool)
+            self.processor = BatchProcessor(
+                s, pool, redis_client, producer, mark_dirty=mode == "rollup"
+            )
+            self.processor.known_tokens = await self._known_tokens(pool)
             consumer.subscribe([self.topic], listener=_Rebalance(self))
             await consumer.start()
             log.info("processor started", topic=self.topic, group=s.group_id, candles=mode)
             try:
-                await self._loop(consumer, processor, pool)
+                await self._loop(consumer, self.processor, pool)
             finally:
+                if self.pending is not None:
+                    await asyncio.wait({self.pending})  # drain: finish and commit
                 await consumer.stop()  # leaves the group; nothing uncommitted is claimed
         finally:
             await producer.stop()
@@ -121,40 +136,66 @@ class MarketDataProcessor:
             loop.add_signal_handler(sig, self.stop)
 
     async def _loop(
-        self, consumer: AIOKafkaConsumer, processor: BatchProcessor, pool: object
+        self, consumer: AIOKafkaConsumer, processor: BatchProcessor, pool: asyncpg.Pool
     ) -> None:
         last_refresh = time.monotonic()
         while not self.stop_event.is_set():
             batch: dict[TopicPartition, list[Record]] = await consumer.getmany(
-                timeout_ms=200, max_records=self.s.batch_max_records
+                timeout_ms=100, max_records=self.s.batch_max_records
             )
-            if not batch:
-                continue
-            async with self.batch_lock:
-                t0 = time.perf_counter()
+            prepared = None
+            rejects: list[tuple[Record, Rejected]] = []
+            t0 = time.perf_counter()
+            if batch:
                 records = [r for recs in batch.values() for r in recs]
+                ticks, rejects = processor.decode(records)
                 try:
-                    ticks, rejects = processor.decode(records)
-                    await self._retrying(
-                        consumer, "dlq", lambda: processor.publish_rejects(rejects)
+                    # Overlaps with the previous batch's write (the pending task).
+                    prepared = await self._retrying(
+                        consumer, "redis", functools.partial(processor.prepare, ticks)
                     )
-                    await self._retrying(consumer, "sinks", lambda: processor.persist(ticks))
-                except _Abandoned:
-                    continue
-                await self._commit(consumer, batch)
-                metrics.TICKS_IN.inc(len(records))
-                metrics.BATCH_SIZE.observe(len(records))
-                metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
-                self._observe_lag(consumer, batch)
+                except (_Abandoned, Stale):
+                    prepared = None
+            if self.pending is not None:
+                await asyncio.wait({self.pending})
+                self.pending = None
+            if prepared is not None and prepared.generation == processor.generation:
+                self.pending = asyncio.create_task(
+                    self._write_and_commit(consumer, processor, prepared, rejects, batch, t0)
+                )
             if time.monotonic() - last_refresh > 60:
                 last_refresh = time.monotonic()
                 with contextlib.suppress(Exception):
                     processor.known_tokens = await self._known_tokens(pool)
 
+    async def _write_and_commit(
+        self,
+        consumer: AIOKafkaConsumer,
+        processor: BatchProcessor,
+        prepared: Prepared,
+        rejects: list[tuple[Record, Rejected]],
+        batch: dict[TopicPartition, list[Record]],
+        t0: float,
+    ) -> None:
+        try:
+            await self._retrying(
+                consumer, "dlq", functools.partial(processor.publish_rejects, rejects)
+            )
+            await self._retrying(consumer, "sinks", functools.partial(processor.write, prepared))
+        except _Abandoned:
+            processor.reset()  # later prepared batches assumed this one would land
+            return
+        await self._commit(consumer, batch)
+        n = sum(len(r) for r in batch.values())
+        metrics.TICKS_IN.inc(n)
+        metrics.BATCH_SIZE.observe(n)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        self._observe_lag(consumer, batch)
+
     async def _retrying(
         self, consumer: AIOKafkaConsumer, sink: str, fn: Callable[[], Awaitable[T]]
     ) -> T:
-        """Run ``fn`` until it succeeds; meanwhile pause the partitions and keep polling."""
+        """Run ``fn`` until it succeeds; meanwhile pause the partitions and back off."""
         wait = wait_exponential_jitter(multiplier=0.2, max=10)
         attempt = 0
         paused = False
@@ -162,32 +203,42 @@ class MarketDataProcessor:
             while True:
                 try:
                     return await fn()
+                except Stale:
+                    raise
                 except Exception as e:
                     attempt += 1
                     metrics.WRITE_RETRIES.labels(sink=sink).inc()
                     log.warning(
-                        "batch write failed; retrying",
+                        "batch step failed; retrying",
                         sink=sink,
                         attempt=attempt,
                         error=repr(e)[:300],
                     )
                     if not paused:
-                        consumer.pause(*consumer.assignment())
-                        metrics.PAUSED.set(1)
+                        self._pause(consumer)
                         paused = True
-                    delay = wait(_RetryState(attempt))
-                    deadline = time.monotonic() + delay
+                    deadline = time.monotonic() + wait(_RetryState(attempt))
                     while time.monotonic() < deadline:
                         if self.stop_event.is_set() or self.revoking:
                             raise _Abandoned from e
-                        # Paused partitions return nothing; polling keeps us in the group.
-                        await consumer.getmany(
-                            timeout_ms=int(min(0.5, deadline - time.monotonic()) * 1000) + 1
-                        )
+                        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         finally:
             if paused:
-                consumer.resume(*consumer.assignment())
-                metrics.PAUSED.set(0)
+                self._resume(consumer)
+
+    def _pause(self, consumer: AIOKafkaConsumer) -> None:
+        # Paused partitions fetch nothing, so nothing piles up in memory; the main loop keeps
+        # calling getmany, which keeps this member in the group.
+        self._paused += 1
+        if self._paused == 1:
+            consumer.pause(*consumer.assignment())
+            metrics.PAUSED.set(1)
+
+    def _resume(self, consumer: AIOKafkaConsumer) -> None:
+        self._paused -= 1
+        if self._paused == 0:
+            consumer.resume(*consumer.assignment())
+            metrics.PAUSED.set(0)
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]
@@ -213,8 +264,8 @@ class MarketDataProcessor:
                 )
 
     @staticmethod
-    async def _known_tokens(pool: object) -> frozenset[int]:
-        rows = await pool.fetch("SELECT instrument_token FROM instruments")  # type: ignore[attr-defined]
+    async def _known_tokens(pool: asyncpg.Pool) -> frozenset[int]:
+        rows = await pool.fetch("SELECT instrument_token FROM instruments")
         return frozenset(r[0] for r in rows)
 
 
