@@ -79,7 +79,8 @@ class TickCodec:
             v = getattr(w, name)
             if v is not None and not math.isfinite(v):
                 raise Rejected(Reason.NON_FINITE, f"{name} is {v}")
-        ts_ns = parse_exchange_ts(w.exchange_ts)
+        ts = w.exchange_ts
+        ts_ns = ts if type(ts) is int and ts > 0 else parse_exchange_ts(ts)
         now = time.time_ns() if now_ns is None else now_ns
         if ts_ns > now + int(self.max_future_skew_s * NS):
             raise Rejected(
@@ -89,20 +90,22 @@ class TickCodec:
             raise Rejected(Reason.EXPIRED_TIMESTAMP, f"exchange_ts {(now - ts_ns) / NS:.0f}s old")
         if key is not None and key != str(w.instrument_token).encode():
             raise Rejected(Reason.KEY_MISMATCH, f"key {key[:32]!r} != token {w.instrument_token}")
+        bid, ask = w.bid, w.ask
+        # Positional: this runs once per tick on the processor's hot path.
         return Tick(
-            instrument_token=w.instrument_token,
-            sequence_id=w.sequence_id,
-            exchange_ts_ns=ts_ns,
-            last_price=float(w.last_price),
-            exchange=w.exchange,
-            last_qty=w.last_qty,
-            volume=w.volume,
-            oi=w.oi,
-            bid=None if w.bid is None else float(w.bid),
-            ask=None if w.ask is None else float(w.ask),
-            bid_qty=w.bid_qty,
-            ask_qty=w.ask_qty,
-            feed=w.feed,
+            w.instrument_token,
+            w.sequence_id,
+            ts_ns,
+            float(w.last_price),
+            w.exchange,
+            w.last_qty,
+            w.volume,
+            w.oi,
+            None if bid is None else float(bid),
+            None if ask is None else float(ask),
+            w.bid_qty,
+            w.ask_qty,
+            w.feed,
         )
 
 

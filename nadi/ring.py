@@ -81,25 +81,13 @@ _pack = msgspec.msgpack.Encoder().encode
 live_batch_decoder = msgspec.json.Decoder(list[LiveEntry])
 
 
+_STATUS_TAIL = {s: f',"status":"{s}"}}'.encode() for s in ("OK", "STALE", "RECOVERED", "LATE")}
+
+
 def live_payload(t: Tick, status: str) -> bytes:
-    return _encode_json(
-        LiveTick(
-            t.instrument_token,
-            t.sequence_id,
-            t.exchange_ts_ns,
-            t.last_price,
-            status,
-            t.exchange,
-            t.last_qty,
-            t.volume,
-            t.oi,
-            t.bid,
-            t.ask,
-            t.bid_qty,
-            t.ask_qty,
-            t.feed,
-        )
-    )
+    """The LiveTick JSON of a tick: Tick encodes with LiveTick's field names (``exchange_ts``
+    in epoch ns), and the status is spliced in; far cheaper than building a LiveTick."""
+    return _encode_json(t)[:-1] + _STATUS_TAIL[status]
 
 
 class RingWriter:

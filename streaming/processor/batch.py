@@ -30,11 +30,15 @@ from nadi.logs import get_logger
 from nadi.ring import RingWriter
 from nadi.sequence import Gap, classify
 from nadi.settings import Settings
-from nadi.tick import Tick
+from nadi.tick import IST_OFFSET_S, NS, Tick
 from nadi.tick_state import Key, TickState
 from streaming.processor import dlq
 
 log = get_logger(__name__)
+_DUP_BATCH = metrics.DUPLICATES.labels(stage="batch")
+_DUP_MEMORY = metrics.DUPLICATES.labels(stage="memory")
+_DUP_REDIS = metrics.DUPLICATES.labels(stage="redis")
+_DUP_DB = metrics.DUPLICATES.labels(stage="database")
 Record = ConsumerRecord[bytes, bytes]
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
@@ -44,22 +48,23 @@ class Stale(Exception):
 
 
 class _Recent:
-    """Fingerprints of sequences this worker classified lately, to drop redundant packets of
-    in-flight batches and to tell a redundant duplicate from a conflicting one. Two dict
-    generations bound the memory at about 2 x ``size`` entries."""
+    """Sequences this worker classified lately (the ticks themselves, so payloads are compared
+    only when a duplicate shows up), to drop redundant packets of in-flight batches and to tell
+    a redundant duplicate from a conflicting one. Two dict generations bound the memory at about
+    2 x ``size`` entries."""
 
-    def __init__(self, size: int = 500_000) -> None:
+    def __init__(self, size: int = 100_000) -> None:
         self.size = size
-        self.current: dict[tuple[int, int, int], tuple[object, ...]] = {}
-        self.previous: dict[tuple[int, int, int], tuple[object, ...]] = {}
+        self.current: dict[tuple[int, int, int], Tick] = {}
+        self.previous: dict[tuple[int, int, int], Tick] = {}
 
-    def get(self, k: tuple[int, int, int]) -> tuple[object, ...] | None:
+    def get(self, k: tuple[int, int, int]) -> Tick | None:
         return self.current.get(k) or self.previous.get(k)
 
     def put_many(self, ticks: Sequence[Tick], keys: Sequence[Key]) -> None:
         cur = self.current
         for t, k in zip(ticks, keys, strict=True):
-            cur[(k[0], k[1], t.sequence_id)] = t.payload_fingerprint()
+            cur[(k[0], k[1], t.sequence_id)] = t
         if len(cur) > self.size:
             self.previous, self.current = cur, {}
 
@@ -145,7 +150,8 @@ class BatchProcessor:
         fresh_keys: list[Key] = []
         for t, key, done in zip(unique, keys, persisted, strict=True):
             if done:
-                self._count_duplicate(t, key, "redis", report)
+                report.duplicates += 1
+                _DUP_REDIS.inc()
             else:
                 fresh.append(t)
                 fresh_keys.append(key)
@@ -196,32 +202,27 @@ class BatchProcessor:
         first: dict[tuple[int, int, int], Tick] = {}
         unique: list[Tick] = []
         keys: list[Key] = []
-        recent = self.recent
+        cur, prev = self.recent.current, self.recent.previous
+        dup_batch = dup_memory = 0
         for t in ticks:
-            day = t.trading_day_ordinal
+            day = (t.exchange_ts_ns // NS + IST_OFFSET_S) // 86_400  # trading_day_ordinal, inlined
             k = (t.instrument_token, day, t.sequence_id)
-            seen = first.get(k)
+            seen = first.get(k) or cur.get(k) or prev.get(k)
             if seen is not None:
-                report.duplicates += 1
-                metrics.DUPLICATES.labels(stage="batch").inc()
+                if k in first:
+                    dup_batch += 1
+                else:
+                    dup_memory += 1
                 if seen.payload_fingerprint() != t.payload_fingerprint():
                     self._conflict(k, seen.feed, t.feed, report)
-                continue
-            kept = recent.get(k)
-            if kept is not None:
-                report.duplicates += 1
-                metrics.DUPLICATES.labels(stage="memory").inc()
-                if kept != t.payload_fingerprint():
-                    self._conflict(k, None, t.feed, report)
                 continue
             first[k] = t
             unique.append(t)
             keys.append((t.instrument_token, day))
+        report.duplicates += dup_batch + dup_memory
+        _DUP_BATCH.inc(dup_batch)
+        _DUP_MEMORY.inc(dup_memory)
         return unique, keys
-
-    def _count_duplicate(self, t: Tick, key: Key, stage: str, report: BatchReport) -> None:
-        report.duplicates += 1
-        metrics.DUPLICATES.labels(stage=stage).inc()
 
     def _conflict(
         self,
@@ -281,7 +282,7 @@ class BatchProcessor:
             metrics.GAPS_CLOSED.inc(w.gaps_closed)
             dup_db = len(fresh) - w.inserted
             if dup_db > 0:
-                metrics.DUPLICATES.labels(stage="database").inc(dup_db)
+                _DUP_DB.inc(dup_db)
         if self.known_tokens is not None:
             unknown = sum(1 for t in fresh if t.instrument_token not in self.known_tokens)
             if unknown:
