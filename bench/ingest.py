@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import psutil
 from confluent_kafka import Consumer, Producer
 from confluent_kafka import TopicPartition as CTopicPartition
 
@@ -182,6 +183,18 @@ async def raw_write(s: Settings, ticks: list[Tick], batch: int) -> float:
         await conn.close()
 
 
+def _service_cpu() -> dict[str, float]:
+    """CPU seconds used so far by PostgreSQL, Redis and Kafka processes on this machine."""
+    groups = {"postgres": "postgres", "redis-server": "redis", "java": "kafka"}
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        name = groups.get(p.info["name"] or "")
+        if name and p.info["cpu_times"] is not None:
+            t = p.info["cpu_times"]
+            out[name] = out.get(name, 0.0) + t.user + t.system
+    return out
+
+
 async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, object]:
     s = bench_settings(base, "ingest").model_copy(update={"batch_max_records": batch})
     await fresh_database(s)
@@ -196,6 +209,7 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
         assert sum(ends.values()) == messages
 
         log = s.home / "bench" / "ingest-worker.log"
+        cpu_before = _service_cpu()
         t0 = time.perf_counter()
         worker = spawn(["process"], worker_env(s), Path(log))
         rss = PeakRss(worker.pid)
@@ -205,6 +219,8 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
                 raise RuntimeError(f"worker exited with {worker.returncode}; see {log}")
             await asyncio.sleep(0.1)
         seconds = time.perf_counter() - t0
+        cpu_after = _service_cpu()
+        worker_cpu = psutil.Process(worker.pid).cpu_times()
         await rss.stop()
         worker.terminate()
         worker.wait(30)
@@ -228,6 +244,11 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
             "ratio_to_raw": round(raw_s / seconds, 3),
             "peak_rss_mb": rss.peak_mb,
             "producer_ticks_per_s": round(messages / fill_s),
+            # Where the time goes: CPU seconds per process group during the worker's run.
+            "cpu_s": {
+                "worker": round(worker_cpu.user + worker_cpu.system, 1),
+                **{k: round(cpu_after.get(k, 0) - cpu_before.get(k, 0), 1) for k in cpu_after},
+            },
         }
     finally:
         await delete_topics(s, s.topic_ticks, s.topic_dlq)

@@ -2,7 +2,8 @@
 
 Per trading day (``day`` = days since 1970-01-01 of the Asia/Kolkata date):
 - ``nadi:dd:{day}:{token}``   bitmap of sequence ids persisted in TimescaleDB (dedup filter)
-- ``nadi:rs:{day}:{token}``   bitmap of sequence ids already appended to the ring
+- ``nadi:rl:{day}``           hash token -> last in-order sequence appended to the ring
+- ``nadi:rlate:{day}:{token}`` set of late (RECOVERED) sequences appended to the ring
 - ``nadi:seq:{day}``          hash token -> last sequence id seen (SequenceTracker state)
 Across days:
 - ``nadi:ring:{token}``       stream, the instrument's ring buffer (MAXLEN-bounded)
@@ -19,10 +20,6 @@ BITMAP_MAX_SEQ = 1 << 24
 
 def dedup_key(day: int, token: int) -> str:
     return f"nadi:dd:{day}:{token}"
-
-
-def ring_seen_key(day: int, token: int) -> str:
-    return f"nadi:rs:{day}:{token}"
 
 
 def seq_state_key(day: int) -> str:

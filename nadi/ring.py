@@ -1,7 +1,9 @@
 """The Redis ring buffer: one stream per instrument (MAXLEN-bounded) plus the live fan-out.
 
-Appends are idempotent: a per-day bitmap of sequence ids already appended is tested and set in
-the same Lua call as the XADD, so a redelivered batch never puts a tick in the ring twice. The
+Appends are idempotent, checked in the same Lua call as the XADD: in-order ticks (OK, STALE)
+arrive in increasing sequence, so the last appended sequence per instrument-day
+(``nadi:rl:{day}``) identifies a redelivery; late ticks are remembered in a small set. A
+redelivered batch never puts a tick in the ring twice. The
 ring stream's entry id is the tick's *ring offset*, which WebSocket clients resume from.
 
 The live fan-out stream ``nadi:live`` gets one entry per batch: field ``b`` holds a JSON array
@@ -15,25 +17,35 @@ from collections.abc import Sequence
 import msgspec
 import redis.asyncio as aioredis
 
-from nadi.redis_keys import BITMAP_MAX_SEQ, LIVE_STREAM
+from nadi.redis_keys import LIVE_STREAM
 from nadi.tick import Tick
 
 # Keys are built inside the script (single-node Redis; the key set depends on the batch).
 _APPEND = """
 local items = cmsgpack.unpack(ARGV[1])
-local maxlen, live_maxlen, ttl, maxbit = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local out, seen, live = {}, {}, {}
+local maxlen, live_maxlen, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out, live, ringlast, touched = {}, {}, {}, {}
 for i, it in ipairs(items) do
-  local day, token, seq, payload = it[1], it[2], it[3], it[4]
-  local sk = 'nadi:rs:' .. day .. ':' .. token
+  local day, token, seq, inorder, payload = it[1], it[2], it[3], it[4], it[5]
+  local gk = day .. ':' .. token
   local fresh
-  if seq < maxbit then
-    fresh = redis.call('SETBIT', sk, seq, 1) == 0
+  if inorder == 1 then
+    -- In-order ticks of an instrument-day reach the ring in increasing sequence: anything at
+    -- or below the last appended one is a redelivery.
+    local rl = ringlast[gk]
+    if rl == nil then
+      rl = tonumber(redis.call('HGET', 'nadi:rl:' .. day, token) or '-1')
+    end
+    fresh = seq > rl
+    if fresh then rl = seq end
+    ringlast[gk] = rl
+    touched[gk] = {day, token}
   else
-    sk = sk .. ':big'
-    fresh = redis.call('SADD', sk, seq) == 1
+    -- Late ticks (few): remembered one by one.
+    local lk = 'nadi:rlate:' .. day .. ':' .. token
+    fresh = redis.call('SADD', lk, seq) == 1
+    redis.call('EXPIRE', lk, ttl)
   end
-  seen[sk] = true
   if fresh then
     local id = redis.call('XADD', 'nadi:ring:' .. token, 'MAXLEN', '~', maxlen, '*', 'd', payload)
     live[#live + 1] = '{"o":"' .. id .. '","t":' .. payload .. '}'
@@ -42,7 +54,10 @@ for i, it in ipairs(items) do
     out[i] = ''
   end
 end
-for k, _ in pairs(seen) do redis.call('EXPIRE', k, ttl) end
+for gk, dt in pairs(touched) do
+  redis.call('HSET', 'nadi:rl:' .. dt[1], dt[2], ringlast[gk])
+  redis.call('EXPIRE', 'nadi:rl:' .. dt[1], ttl)
+end
 if #live > 0 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'b', '[' .. table.concat(live, ',') .. ']')
 end
@@ -81,6 +96,7 @@ _pack = msgspec.msgpack.Encoder().encode
 live_batch_decoder = msgspec.json.Decoder(list[LiveEntry])
 
 
+_IN_ORDER = frozenset(("OK", "STALE"))  # classified past the last sequence: increasing
 _STATUS_TAIL = {s: f',"status":"{s}"}}'.encode() for s in ("OK", "STALE", "RECOVERED", "LATE")}
 
 
@@ -98,7 +114,7 @@ class RingWriter:
     ) -> None:
         self._client = client
         self._script = client.register_script(_APPEND)
-        self._tail = [maxlen, live_maxlen, ttl_s, BITMAP_MAX_SEQ]
+        self._tail = [maxlen, live_maxlen, ttl_s]
 
     async def append(
         self, ticks: Sequence[Tick], days: Sequence[int], statuses: Sequence[str]
@@ -109,7 +125,13 @@ class RingWriter:
         blob = _pack(
             [
                 # As str: Redis's Lua msgpack predates the bin type.
-                (d, t.instrument_token, t.sequence_id, live_payload(t, s).decode())
+                (
+                    d,
+                    t.instrument_token,
+                    t.sequence_id,
+                    1 if s in _IN_ORDER else 0,
+                    live_payload(t, s).decode(),
+                )
                 for t, d, s in zip(ticks, days, statuses, strict=True)
             ]
         )
