@@ -95,6 +95,21 @@ async def _scenario(
         "missing": len(feed.unique - rows),
         "extra": len(rows - feed.unique),
     }
+    # The ring got every tick once too (it is bounded, so check what it still holds).
+    import msgspec
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(s.redis_url)
+    ring_dups = 0
+    for token in TOKENS:
+        entries = await r.xrange(f"nadi:ring:{token}")
+        seqs = [msgspec.json.decode(f[b"d"])["sequence_id"] for _, f in entries]
+        ring_dups += len(seqs) - len(set(seqs))
+        expected = sorted(q for tok, q, _ in feed.unique if tok == token)[-len(seqs) :]
+        assert sorted(seqs) == expected, f"ring of {token} is not the tail of its ticks"
+    await r.aclose()
+    figures["ring_duplicates"] = ring_dups
+    assert ring_dups == 0
     last_seq = {t: max(seq for tok, seq, _ in feed.unique if tok == t) for t in TOKENS}
     expected_holes = {(t, q) for t, qs in feed.dropped.items() for q in qs if q < last_seq[t]}
     recorded_holes = {(g[0], q) for g in gap_rows for q in range(g[1], g[2] + 1)}
