@@ -15,7 +15,7 @@ async def create_pool(
         settings.pg_dsn,
         min_size=min_size,
         max_size=max_size,
-        init=init,  # type: ignore[arg-type]
+        init=init,
         command_timeout=60,
         server_settings={"application_name": "nadi", "timezone": "UTC"},
     )

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from typing import TypeAlias
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -39,7 +40,7 @@ _DUP_BATCH = metrics.DUPLICATES.labels(stage="batch")
 _DUP_MEMORY = metrics.DUPLICATES.labels(stage="memory")
 _DUP_REDIS = metrics.DUPLICATES.labels(stage="redis")
 _DUP_DB = metrics.DUPLICATES.labels(stage="database")
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 

@@ -217,7 +217,7 @@ class MarketDataProcessor:
                     if not paused:
                         self._pause(consumer)
                         paused = True
-                    deadline = time.monotonic() + wait(_RetryState(attempt))
+                    deadline = time.monotonic() + wait(_RetryState(attempt))  # type: ignore[arg-type]
                     while time.monotonic() < deadline:
                         if self.stop_event.is_set() or self.revoking:
                             raise _Abandoned from e
