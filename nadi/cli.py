@@ -132,12 +132,35 @@ def bench_ingest(
 
 
 def platform_components() -> list[Component]:
-    """Every long-running part of the platform that `nadi up` starts, beside the services."""
+    """Every long-running part of the platform that `nadi up` starts, beside the services:
+    a live simulated NSE feed (with a few gaps, reorders and bad packets so the repair paths
+    have work), two processor workers of one group, the API, and Dagster."""
     me = (sys.executable, "-m", "nadi")
-    return [
-        Component("simulate", (*me, "simulate")),
-        Component("process", (*me, "process")),
+    components = [
+        Component(
+            "simulate",
+            (
+                *me,
+                "simulate",
+                "--rate",
+                "1000",
+                "--gap-rate",
+                "0.0005",
+                "--reorder-rate",
+                "0.001",
+                "--bad-rate",
+                "0.0002",
+            ),
+        ),  # fmt: skip
+        Component("process-1", (*me, "process", "--metrics-port", "9108")),
+        Component("process-2", (*me, "process", "--metrics-port", "9109")),
+        Component("api", (*me, "api")),
     ]
+    try:
+        from pipelines.launch import platform_components as dagster_components
+    except ImportError:  # the orchestration code location is optional for `nadi up`
+        return components
+    return components + dagster_components(get_settings())
 
 
 @app.command("up")
