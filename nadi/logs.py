@@ -11,6 +11,8 @@ import structlog
 def configure(level: str = "INFO", json: bool = False) -> None:
     """Route structlog and stdlib logging to stderr; JSON lines when ``json`` (for log shippers)."""
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    # aiokafka narrates every rebalance step at INFO; our own logs say what matters.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
