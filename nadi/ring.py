@@ -6,13 +6,15 @@ arrive in increasing sequence, so the last appended sequence per instrument-day
 redelivered batch never puts a tick in the ring twice. The
 ring stream's entry id is the tick's *ring offset*, which WebSocket clients resume from.
 
-The live fan-out stream ``nadi:live`` gets one entry per batch: field ``b`` holds a JSON array
-of ``{"o": ring offset, "t": tick}`` in ring order, so readers decode once per batch.
+The live fan-out stream ``nadi:live`` gets one entry per batch: field ``p`` holds a JSON array
+of the batch's ticks (LiveTick) and field ``o`` their ring offsets, comma-separated and aligned
+(empty for a redelivered tick already in the ring); ``decode_live_entry`` turns an entry into
+``LiveEntry(o, t)`` items in ring order, so readers decode once per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
@@ -24,7 +26,8 @@ from nadi.tick import Tick
 _APPEND = """
 local items = cmsgpack.unpack(ARGV[1])
 local maxlen, live_maxlen, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local out, live, ringlast, touched = {}, {}, {}, {}
+local out, ringlast, touched = {}, {}, {}
+local appended = 0
 for i, it in ipairs(items) do
   local day, token, seq, inorder, payload = it[1], it[2], it[3], it[4], it[5]
   local gk = day .. ':' .. token
@@ -47,9 +50,8 @@ for i, it in ipairs(items) do
     redis.call('EXPIRE', lk, ttl)
   end
   if fresh then
-    local id = redis.call('XADD', 'nadi:ring:' .. token, 'MAXLEN', '~', maxlen, '*', 'd', payload)
-    live[#live + 1] = '{"o":"' .. id .. '","t":' .. payload .. '}'
-    out[i] = id
+    out[i] = redis.call('XADD', 'nadi:ring:' .. token, 'MAXLEN', '~', maxlen, '*', 'd', payload)
+    appended = appended + 1
   else
     out[i] = ''
   end
@@ -58,8 +60,10 @@ for gk, dt in pairs(touched) do
   redis.call('HSET', 'nadi:rl:' .. dt[1], dt[2], ringlast[gk])
   redis.call('EXPIRE', 'nadi:rl:' .. dt[1], ttl)
 end
-if #live > 0 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'b', '[' .. table.concat(live, ',') .. ']')
+-- Building the live JSON in Lua cost more than all the XADDs: the client sends the batch's
+-- payloads pre-joined (ARGV[5]) and only the offsets are joined here.
+if appended > 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'p', ARGV[5], 'o', table.concat(out, ','))
 end
 return out
 """
@@ -85,7 +89,7 @@ class LiveTick(msgspec.Struct, omit_defaults=True):
 
 
 class LiveEntry(msgspec.Struct):
-    """One element of a live fan-out batch."""
+    """One tick of a live fan-out batch."""
 
     o: str  # ring offset (the instrument stream's entry id)
     t: LiveTick
@@ -93,7 +97,16 @@ class LiveEntry(msgspec.Struct):
 
 _encode_json = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
-live_batch_decoder = msgspec.json.Decoder(list[LiveEntry])
+_live_payloads = msgspec.json.Decoder(list[LiveTick])
+
+
+def decode_live_entry(fields: Mapping[bytes, bytes]) -> list[LiveEntry]:
+    """The ticks of one ``nadi:live`` entry, in ring order. Fields: ``p`` a JSON array of
+    LiveTick, ``o`` the comma-separated ring offsets aligned with it, empty where the tick was
+    a redelivery that is already in the ring (those are skipped here)."""
+    ticks = _live_payloads.decode(fields[b"p"])
+    offsets = fields[b"o"].decode().split(",")
+    return [LiveEntry(o, t) for o, t in zip(offsets, ticks, strict=True) if o]
 
 
 _IN_ORDER = frozenset(("OK", "STALE"))  # classified past the last sequence: increasing
@@ -122,18 +135,14 @@ class RingWriter:
         """Returns the ring offset of each tick, or None where it was already in the ring."""
         if not ticks:
             return []
+        payloads = [live_payload(t, s) for t, s in zip(ticks, statuses, strict=True)]
         blob = _pack(
             [
                 # As str: Redis's Lua msgpack predates the bin type.
-                (
-                    d,
-                    t.instrument_token,
-                    t.sequence_id,
-                    1 if s in _IN_ORDER else 0,
-                    live_payload(t, s).decode(),
-                )
-                for t, d, s in zip(ticks, days, statuses, strict=True)
+                (d, t.instrument_token, t.sequence_id, 1 if s in _IN_ORDER else 0, p.decode())
+                for t, d, s, p in zip(ticks, days, statuses, payloads, strict=True)
             ]
         )
-        result = await self._script(keys=[LIVE_STREAM], args=[blob, *self._tail])
+        joined = b"[" + b",".join(payloads) + b"]"
+        result = await self._script(keys=[LIVE_STREAM], args=[blob, *self._tail, joined])
         return [r.decode() if r else None for r in result]
