@@ -7,7 +7,10 @@ import time
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
+from nadi.redis_keys import LIVE_STREAM
+from nadi.ring import decode_live_entry
 from nadi.settings import Settings
 from nadi.tick import NS
 from tests.feedgen import Feed, msg, tick
@@ -37,6 +40,16 @@ async def test_feed_duplicates_become_one_row(env: Settings, pg: asyncpg.Connect
     await _run(env, messages)
     assert await stored(pg) == feed.unique
     assert await pg.fetchval("SELECT count(*) FROM sequence_gaps") == 0
+    # The live fan-out carried each tick once, with ring offsets increasing per instrument.
+    r = aioredis.from_url(env.redis_url)
+    live = [e for _, fields in await r.xrange(LIVE_STREAM) for e in decode_live_entry(fields)]
+    await r.aclose()
+    assert sorted((e.t.instrument_token, e.t.sequence_id) for e in live) == sorted(
+        (tok, seq) for tok, seq, _ in feed.unique
+    )
+    for token in (T1, T2, T3):
+        offsets = [tuple(map(int, e.o.split("-"))) for e in live if e.t.instrument_token == token]
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
     assert await pg.fetchval("SELECT count(*) FROM ticks WHERE status <> 'OK'") == 0
 
 
