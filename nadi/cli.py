@@ -163,6 +163,14 @@ def platform_components() -> list[Component]:
     return components + dagster_components(get_settings())
 
 
+@bench_app.command("pipelines")
+def bench_pipelines() -> None:
+    """How long a one-day candle refresh, a gap repair and an EOD reconciliation take."""
+    from bench.pipelines import main as run_pipelines_bench
+
+    run_pipelines_bench()
+
+
 @app.command("up")
 def up() -> None:
     """Services up, migrate, then run the whole platform; Ctrl-C stops all."""
@@ -178,7 +186,10 @@ def up() -> None:
     except ServiceError as e:
         _fail(str(e))
     asyncio.run(run_migrations(settings))
-    asyncio.run(supervise(platform_components()))
+    components = (
+        platform_components()
+    )  # before the loop: Dagster's home is prepared with asyncio.run
+    asyncio.run(supervise(components))
 
 
 def main() -> None:

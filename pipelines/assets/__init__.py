@@ -1,0 +1,1 @@
+"""Nadi's assets, one module per group: storage, aggregates (candles), quality, replay."""

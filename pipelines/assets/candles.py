@@ -1,0 +1,210 @@
+"""Aggregates group: ``candles_1m`` and ``candles_5m``, one partition per NSE trading day.
+
+One op materializes both: with the Apache edition ``nadi_refresh_candles`` recomputes the 1m
+and the 5m rollups of a window together (5m is built from 1m), and with the Timescale license
+the 5m continuous aggregate is hierarchical on the 1m one, so they are refreshed in order.
+"""
+
+# No `from __future__ import annotations`: Dagster reads config and resource types from the
+# decorated functions' annotations at definition time.
+
+import time
+from collections.abc import Iterator
+from datetime import date
+from typing import Any
+
+import asyncpg
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetKey,
+    AssetSpec,
+    BackfillPolicy,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+from pydantic import Field
+
+from pipelines.assets.storage import ticks
+from pipelines.checks import CandleCheckOutcome, candle_check_specs, check_candles_day
+from pipelines.partitions import day_bounds, key_to_day, trading_days
+from pipelines.resources import TimescaleResource, candle_mode, run_async
+
+GROUP = "aggregates"
+GAP_REPAIR_KEY = AssetKey("gap_repair")
+
+_MARK_DAY = """
+WITH w AS (
+    SELECT DISTINCT instrument_token, time_bucket(INTERVAL '5 minutes', exchange_ts) AS bucket
+    FROM ticks WHERE exchange_ts >= $1 AND exchange_ts < $2
+    UNION
+    -- windows that have candles but no ticks any more (ticks deleted) must be emptied too
+    SELECT DISTINCT instrument_token, time_bucket(INTERVAL '5 minutes', bucket)
+    FROM candles_1m WHERE bucket >= $1 AND bucket < $2
+), ins AS (
+    INSERT INTO candle_dirty (instrument_token, bucket)
+    SELECT instrument_token, bucket FROM w ORDER BY 2, 1
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM ins
+"""
+
+
+class CandleRefreshConfig(Config):
+    """How a candle materialization refreshes its day."""
+
+    full: bool = Field(
+        True,
+        description=(
+            "Recompute every window of the day (backfills, manual runs). False: only the windows "
+            "marked dirty since the last refresh (the market-hours schedule and gap repairs)."
+        ),
+    )
+    check_sample_instruments: int = Field(
+        25, ge=1, description="instruments whose candles the check recomputes from raw ticks"
+    )
+
+
+async def refresh_day(conn: asyncpg.Connection, day: date, *, full: bool) -> dict[str, Any]:
+    """Refresh both candle tables over ``day``'s window; returns operator figures."""
+    start, end = day_bounds(day)
+    mode = await candle_mode(conn)
+    t0 = time.perf_counter()
+    marked = 0
+    windows = 0
+    if mode == "rollup":
+        if full:
+            # nadi_refresh_candles only recomputes windows marked dirty: a backfill of a day
+            # whose marks were consumed long ago must mark the whole day first.
+            async with conn.transaction():
+                marked = int(await conn.fetchval(_MARK_DAY, start, end))
+        windows = int(await conn.fetchval("SELECT nadi_refresh_candles($1, $2)", start, end))
+    else:
+        # refresh_continuous_aggregate cannot run inside a transaction block; asyncpg runs
+        # each statement outside one unless asked. 5m is hierarchical on 1m: 1m goes first.
+        for view in ("candles_1m", "candles_5m"):
+            await conn.execute(
+                f"CALL refresh_continuous_aggregate('{view}', $1::timestamptz, $2::timestamptz)",
+                start,
+                end,
+            )
+        await conn.execute(
+            "DELETE FROM candle_dirty WHERE bucket >= $1 AND bucket < $2", start, end
+        )
+    refresh_ms = round((time.perf_counter() - t0) * 1000, 1)
+    stats = await conn.fetchrow(
+        """SELECT (SELECT count(*) FROM candles_1m WHERE bucket >= $1 AND bucket < $2) AS c1,
+                  (SELECT count(*) FROM candles_5m WHERE bucket >= $1 AND bucket < $2) AS c5,
+                  (SELECT count(DISTINCT instrument_token) FROM candles_5m
+                    WHERE bucket >= $1 AND bucket < $2) AS instruments,
+                  (SELECT coalesce(sum(tick_count), 0) FROM candles_1m
+                    WHERE bucket >= $1 AND bucket < $2) AS ticks,
+                  (SELECT count(*) FROM candle_dirty WHERE bucket >= $1 AND bucket < $2) AS dirty""",
+        start,
+        end,
+    )
+    assert stats is not None
+    return {
+        "day": day.isoformat(),
+        "mode": mode,
+        "windows_marked": marked,
+        "windows_refreshed": windows,
+        "refresh_ms": refresh_ms,
+        **{k: int(v) for k, v in dict(stats).items()},
+    }
+
+
+async def _run(
+    db: TimescaleResource, days: list[date], cfg: CandleRefreshConfig
+) -> tuple[list[dict[str, Any]], CandleCheckOutcome, CandleCheckOutcome, float]:
+    c1 = CandleCheckOutcome("candles_1m")
+    c5 = CandleCheckOutcome("candles_5m")
+    per_day: list[dict[str, Any]] = []
+    async with db.connect() as conn:
+        for d in days:
+            per_day.append(await refresh_day(conn, d, full=cfg.full))
+        t_check = time.perf_counter()
+        for d in days:
+            start, end = day_bounds(d)
+            await check_candles_day(
+                conn, "candles_1m", start, end, cfg.check_sample_instruments, c1
+            )
+            await check_candles_day(
+                conn, "candles_5m", start, end, cfg.check_sample_instruments, c5
+            )
+        check_ms = round((time.perf_counter() - t_check) * 1000, 1)
+    return per_day, c1, c5, check_ms
+
+
+def _days_of(context: AssetExecutionContext) -> list[date]:
+    # A backfill run may cover a range of partitions (see backfill_policy).
+    return [key_to_day(k) for k in context.partition_keys]
+
+
+@multi_asset(
+    name="candles",
+    specs=[
+        AssetSpec(
+            "candles_1m",
+            deps=[ticks, GAP_REPAIR_KEY],
+            group_name=GROUP,
+            kinds={"timescaledb"},
+            description=(
+                "1-minute OHLCV candles per instrument (`volume` = sum of `last_qty`), one "
+                "partition per NSE trading day. A materialization refreshes that day's window: "
+                "the incremental rollup (`nadi_refresh_candles`) on the Apache edition, a "
+                "continuous-aggregate refresh with the Timescale license. Kept fresh during "
+                "market hours by `candles_intraday_schedule`; backfill any range of days."
+            ),
+        ),
+        AssetSpec(
+            "candles_5m",
+            deps=["candles_1m"],
+            group_name=GROUP,
+            kinds={"timescaledb"},
+            description="5-minute candles, rolled up from `candles_1m` in the same refresh.",
+        ),
+    ],
+    check_specs=candle_check_specs,
+    partitions_def=trading_days,
+    # Up to ten days per run: a year-long backfill becomes ~25 runs, not 250.
+    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
+    op_tags={"nadi/kind": "candles"},
+)
+def candles(
+    context: AssetExecutionContext, config: CandleRefreshConfig, timescale: TimescaleResource
+) -> Iterator[MaterializeResult[Any] | AssetCheckResult]:
+    days = _days_of(context)
+    per_day, c1, c5, check_ms = run_async(_run(timescale, days, config))
+    total = {
+        k: sum(int(d[k]) for d in per_day)
+        for k in ("windows_marked", "windows_refreshed", "c1", "c5", "ticks")
+    }
+    common: dict[str, Any] = {
+        "trading_days": MetadataValue.json([d["day"] for d in per_day]),
+        "mode": per_day[0]["mode"] if per_day else "",
+        "full_refresh": config.full,
+        "windows_refreshed (instrument x 5 min)": MetadataValue.int(total["windows_refreshed"]),
+        "windows_marked_for_backfill": MetadataValue.int(total["windows_marked"]),
+        "refresh_ms": MetadataValue.float(sum(float(d["refresh_ms"]) for d in per_day)),
+        "check_ms": MetadataValue.float(check_ms),
+        "instruments": MetadataValue.int(max((int(d["instruments"]) for d in per_day), default=0)),
+        "dirty_windows_left": MetadataValue.int(sum(int(d["dirty"]) for d in per_day)),
+    }
+    context.log.info(f"candles refreshed: {per_day}")
+    yield MaterializeResult(
+        asset_key="candles_1m",
+        metadata={
+            **common,
+            "rows": MetadataValue.int(total["c1"]),
+            "ticks_aggregated": MetadataValue.int(total["ticks"]),
+        },
+    )
+    yield MaterializeResult(
+        asset_key="candles_5m", metadata={**common, "rows": MetadataValue.int(total["c5"])}
+    )
+    yield c1.result()
+    yield c5.result()

@@ -1,0 +1,116 @@
+"""Running Dagster for Nadi: ``DAGSTER_HOME/dagster.yaml`` and the `nadi up` components.
+
+Dagster's own storage (runs, event logs, schedules and sensor ticks) lives in PostgreSQL
+through dagster-postgres, in a database of its own (``nadi_dagster``) on Nadi's server: runs
+survive restarts, the webserver and the daemon share one view, and nothing is kept in SQLite
+files under ``.nadi``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import yaml
+
+from nadi.settings import Settings
+from nadi.supervisor import Component
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKSPACE = REPO_ROOT / "workspace.yaml"
+DAGSTER_DB = "nadi_dagster"
+MAX_CONCURRENT_RUNS = 8
+# Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs are many
+# small runs (one per gap) and must not crowd out candle refreshes.
+TAG_LIMITS = (("replay", 1), ("gap_repair", 4), ("candles", 2))
+WEB_HOST, WEB_PORT = "127.0.0.1", 3000
+
+
+def _dsn_for(settings: Settings, database: str) -> str:
+    u = urlsplit(settings.pg_dsn)
+    return urlunsplit((u.scheme, u.netloc, "/" + database, u.query, u.fragment))
+
+
+async def _create_database(settings: Settings, database: str) -> None:
+    conn = await asyncpg.connect(_dsn_for(settings, "postgres"), timeout=10)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{database}"')
+            except asyncpg.DuplicateDatabaseError:
+                pass  # created concurrently (webserver and daemon start together)
+    finally:
+        await conn.close()
+
+
+def dagster_config(settings: Settings, database: str = DAGSTER_DB) -> dict[str, object]:
+    """The content of ``dagster.yaml``."""
+    u = urlsplit(settings.pg_dsn)
+    db: dict[str, object] = {
+        "hostname": u.hostname or "127.0.0.1",
+        "port": u.port or 5432,
+        "username": u.username or "postgres",
+        "db_name": database,
+        # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; dagster-postgres ships psycopg2.
+        "scheme": "postgresql+psycopg2",
+    }
+    if u.password:
+        db["password"] = u.password
+    return {
+        # One block sets run, event-log and schedule storage, all on dagster-postgres.
+        "storage": {"postgres": {"postgres_db": db}},
+        "run_coordinator": {
+            "module": "dagster.core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": {
+                "max_concurrent_runs": MAX_CONCURRENT_RUNS,
+                "tag_concurrency_limits": [
+                    {"key": "nadi/kind", "value": v, "limit": n} for v, n in TAG_LIMITS
+                ],
+            },
+        },
+        "run_monitoring": {"enabled": True},
+        "telemetry": {"enabled": False},
+    }
+
+
+def ensure_dagster_home(settings: Settings, *, database: str = DAGSTER_DB) -> Path:
+    """Create ``settings.dagster_home`` with its ``dagster.yaml`` and the storage database.
+
+    Idempotent; rewrites the file each time so it follows the settings (DSN changes).
+    """
+    home = Path(settings.dagster_home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    asyncio.run(_create_database(settings, database))
+    text = (
+        "# Written by pipelines.launch.ensure_dagster_home from Nadi's settings; edits are lost.\n"
+        + yaml.safe_dump(dagster_config(settings, database), sort_keys=False)
+    )
+    path = home / "dagster.yaml"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return home
+
+
+def _bin(name: str) -> str:
+    # The console scripts installed next to this interpreter (the project's venv).
+    return str(Path(sys.executable).parent / name)
+
+
+def platform_components(settings: Settings) -> list[Component]:
+    """The Dagster webserver (127.0.0.1:3000) and daemon, for `nadi up`."""
+    home = ensure_dagster_home(settings)
+    env = {"DAGSTER_HOME": str(home)}
+    ws = str(WORKSPACE)
+    return [
+        Component(
+            "dagster-web",
+            (_bin("dagster-webserver"), "-h", WEB_HOST, "-p", str(WEB_PORT), "-w", ws),
+            env,
+        ),
+        Component("dagster-daemon", (_bin("dagster-daemon"), "run", "-w", ws), env),
+    ]

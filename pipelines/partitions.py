@@ -1,0 +1,71 @@
+"""Daily partitions on NSE trading days (Asia/Kolkata), holidays excluded.
+
+A :class:`TimeWindowPartitionsDefinition` on a weekday cron with the exchange holidays of
+:mod:`nadi.calendar` as exclusions, rather than a static list: new trading days appear by
+themselves, and the UI offers range backfills over a time axis. ``end_offset=1`` adds the day
+in progress, which the market-hours schedule keeps fresh.
+
+A partition's *time window* in Dagster runs to the next cron tick, so Friday's window spans the
+weekend and the eve of a holiday spans the holiday. Nadi's data is per trading day (the IST date
+of ``exchange_ts``), so code derives the day's bounds from the partition *key* with
+:func:`day_bounds`, never from the time window.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+
+from dagster import TimeWindowPartitionsDefinition
+
+from nadi.calendar import IST, is_trading_day, today_ist
+
+PARTITIONS_START = date(2025, 1, 1)
+KEY_FORMAT = "%Y-%m-%d"
+# Holidays are looked up this far ahead of today when the definitions load; the code location
+# is reloaded far more often than that (every deploy, every `nadi up`).
+_HORIZON_DAYS = 400
+
+
+def _holidays(start: date, end: date) -> list[datetime]:
+    """Weekdays in ``[start, end]`` that are not trading days, as IST midnights."""
+    out: list[datetime] = []
+    d = start
+    while d <= end:
+        if d.weekday() < 5 and not is_trading_day(d):
+            out.append(datetime.combine(d, time(0)))
+        d += timedelta(days=1)
+    return out
+
+
+def build_trading_day_partitions(
+    start: date = PARTITIONS_START, today: date | None = None
+) -> TimeWindowPartitionsDefinition:
+    """The trading-day partitions from ``start`` through today (IST)."""
+    end = (today or today_ist()) + timedelta(days=_HORIZON_DAYS)
+    return TimeWindowPartitionsDefinition(
+        cron_schedule="0 0 * * 1-5",
+        start=datetime.combine(start, time(0)),
+        timezone="Asia/Kolkata",
+        fmt=KEY_FORMAT,
+        end_offset=1,
+        exclusions=_holidays(start, end),
+    )
+
+
+trading_days = build_trading_day_partitions()
+
+
+def partition_key(d: date) -> str:
+    """The partition key of a trading day."""
+    return d.strftime(KEY_FORMAT)
+
+
+def key_to_day(key: str) -> date:
+    """The trading day of a partition key."""
+    return datetime.strptime(key, KEY_FORMAT).date()
+
+
+def day_bounds(d: date) -> tuple[datetime, datetime]:
+    """``[00:00 IST of d, 00:00 IST of d + 1)``: every tick of the trading day ``d``."""
+    start = datetime.combine(d, time(0), IST)
+    return start, start + timedelta(days=1)

@@ -1,0 +1,181 @@
+"""Dagster resources, fed from :class:`nadi.settings.Settings`.
+
+Ops are synchronous in Dagster's default executor, and Nadi's storage code is asyncio
+(asyncpg); :func:`run_async` bridges the two. Each resource keeps only configuration (what the
+UI shows and a run's config can override); connections are opened per use inside the op's own
+event loop, since asyncpg connections cannot cross loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+import asyncpg
+import httpx
+import redis.asyncio as aioredis
+from dagster import ConfigurableResource
+
+from nadi.db.tick_writer import init_connection
+from nadi.settings import Settings
+from nadi.tick import Tick
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:  # the resource value of a ConfigurableResource is the resource itself
+    _Resource = ConfigurableResource[Any]
+else:
+    _Resource = ConfigurableResource
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous op code.
+
+    Normally there is no running loop (ops run in a worker thread or process) and
+    ``asyncio.run`` is enough; when the caller already runs a loop (an async test calling
+    ``materialize``), the coroutine gets its own loop in a helper thread instead.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class TimescaleResource(_Resource):
+    """The TimescaleDB database holding ticks, gaps, candles and reconciliations."""
+
+    dsn: str
+
+    @asynccontextmanager
+    async def connect(self, *, staging: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in UTC; ``staging`` adds the tick writer's session temp tables."""
+        conn = await asyncpg.connect(
+            self.dsn,
+            command_timeout=3600,  # a year-long backfill chunk or VACUUM can take a while
+            server_settings={"application_name": "nadi-dagster", "timezone": "UTC"},
+        )
+        try:
+            if staging:
+                await init_connection(conn)
+            yield conn
+        finally:
+            await conn.close()
+
+    def settings(self, base: Settings) -> Settings:
+        """``base`` pointed at this database (for :func:`nadi.db.migrate.run_migrations`)."""
+        return base.model_copy(update={"pg_dsn": self.dsn})
+
+
+async def candle_mode(conn: asyncpg.Connection) -> str:
+    """``rollup`` (Apache edition) or ``continuous_aggregate`` (Timescale license)."""
+    return str(await conn.fetchval("SELECT mode FROM candle_mode"))
+
+
+class RedisResource(_Resource):
+    """The Redis holding the processor's per-instrument rings and sequence state."""
+
+    url: str
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[aioredis.Redis]:
+        c = aioredis.from_url(self.url)
+        try:
+            yield c
+        finally:
+            await c.aclose()
+
+
+class KafkaResource(_Resource):
+    """The Kafka cluster; replays go to ``replay_topic`` unless a run says otherwise."""
+
+    bootstrap: str
+    replay_topic: str
+    partitions: int = 12
+
+
+@runtime_checkable
+class RecoverySource(Protocol):
+    """Where missed ticks and the exchange's end-of-day files come from."""
+
+    async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
+        """Ticks ``from_seq..to_seq`` (inclusive) of ``token`` on ``day``; fewer when the source
+        does not have them all; raises on transport or server errors."""
+        ...
+
+    async def bhavcopy(self, day: date) -> str | None:
+        """The day's NSE UDiFF bhavcopy CSV text, or None when it is not published (yet)."""
+        ...
+
+
+class RecoverySourceResource(_Resource, ABC):
+    """A :class:`RecoverySource` as a resource. ``max_attempts``: repair runs per gap before the
+    gap is declared unrecoverable (``NADI_GAP_REPAIR_MAX_ATTEMPTS``)."""
+
+    max_attempts: int = 3
+
+    @abstractmethod
+    async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
+        """See :meth:`RecoverySource.retransmit`."""
+
+    @abstractmethod
+    async def bhavcopy(self, day: date) -> str | None:
+        """See :meth:`RecoverySource.bhavcopy`."""
+
+
+class SimulatorRecoveryResource(RecoverySourceResource):
+    """The simulator's retransmission service (``nadi simulate`` serves it on port 8765).
+
+    Bhavcopies are read from ``bhavcopy_dir`` first (where ``nadi simulate --bhavcopy-dir`` or an
+    operator drops NSE's file), then from the service's ``/v1/bhavcopy``.
+    """
+
+    url: str
+    bhavcopy_dir: str = ""
+    timeout_s: float = 30.0
+
+    async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
+        from streaming.simulator.recovery import fetch_retransmission
+
+        return await fetch_retransmission(
+            self.url, token, day, from_seq, to_seq, timeout_s=self.timeout_s
+        )
+
+    async def bhavcopy(self, day: date) -> str | None:
+        if self.bhavcopy_dir:
+            path = Path(self.bhavcopy_dir) / f"BhavCopy_NSE_CM_0_0_0_{day:%Y%m%d}_F_0000.csv"
+            if path.is_file():
+                return path.read_text("utf-8")
+        async with httpx.AsyncClient(timeout=self.timeout_s) as c:
+            r = await c.get(
+                f"{self.url.rstrip('/')}/v1/bhavcopy", params={"trading_day": day.isoformat()}
+            )
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return r.text
+
+
+def resources_from_settings(settings: Settings) -> dict[str, _Resource]:
+    """The resource set of the code location, keyed as the assets ask for them."""
+    return {
+        "timescale": TimescaleResource(dsn=settings.pg_dsn),
+        "redis": RedisResource(url=settings.redis_url),
+        "kafka": KafkaResource(
+            bootstrap=settings.kafka_bootstrap,
+            replay_topic=settings.topic_replay,
+            partitions=settings.ticks_partitions,
+        ),
+        "recovery": SimulatorRecoveryResource(
+            url=settings.recovery_url,
+            bhavcopy_dir=str(settings.bhavcopy_dir),
+            max_attempts=settings.gap_repair_max_attempts,
+        ),
+    }
