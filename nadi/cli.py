@@ -11,8 +11,11 @@ import sys
 import typer
 
 from api.cli import api
+from bench.candles import bench_candles
+from bench.replay import bench_replay
 from nadi.settings import get_settings
 from nadi.supervisor import Component, supervise
+from streaming.replay_cli import replay
 from streaming.simulator.cli import instruments_load, simulate
 
 app = typer.Typer(
@@ -30,6 +33,9 @@ instruments_app = typer.Typer(help="The instrument master.", no_args_is_help=Tru
 app.add_typer(instruments_app, name="instruments")
 app.command("simulate")(simulate)
 app.command("api")(api)
+app.command("replay")(replay)
+bench_app.command("replay")(bench_replay)
+bench_app.command("candles")(bench_candles)
 instruments_app.command("load")(instruments_load)
 
 
@@ -151,7 +157,7 @@ def platform_components() -> list[Component]:
                 "--bad-rate",
                 "0.0002",
             ),
-        ),  # fmt: skip
+        ),
         Component("process-1", (*me, "process", "--metrics-port", "9108")),
         Component("process-2", (*me, "process", "--metrics-port", "9109")),
         Component("api", (*me, "api")),

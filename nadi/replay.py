@@ -31,6 +31,10 @@ from nadi.ring import LiveTick
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SEQ_MAX = 2**63 - 1  # larger than any sequence_id: "after every tick of this microsecond"
 BATCH_TICKS = 2000  # ticks per yielded batch at speed 0 (amortises the async-generator hop)
+# Rows held across all readers, in units of chunk_rows: with many instruments each reader's page
+# shrinks (down to MIN_PAGE_ROWS) so memory stays bounded by the budget, not by the token count.
+MEMORY_BUDGET_CHUNKS = 8
+MIN_PAGE_ROWS = 100
 
 # Columns in LiveTick field order, so a record unpacks straight into the struct (LiveTick(*r)).
 # exchange_ts leaves the server as epoch microseconds * 1000: a bigint decodes far faster
@@ -48,7 +52,9 @@ ORDER BY exchange_ts, sequence_id
 LIMIT $6
 """
 
-_EXCHANGES_SQL = "SELECT instrument_token, exchange FROM instruments WHERE instrument_token = ANY($1)"
+_EXCHANGES_SQL = (
+    "SELECT instrument_token, exchange FROM instruments WHERE instrument_token = ANY($1)"
+)
 
 
 def to_datetime_us(us: int) -> datetime:
@@ -127,7 +133,11 @@ def _lower_bound(token: int, start_us: int, after: tuple[int, int, int] | None) 
 
 
 class ReplayEngine:
-    """Replays stored ticks (DESIGN.md section 7, ``nadi replay``, the Dagster replay job)."""
+    """Replays stored ticks (DESIGN.md section 7, ``nadi replay``, the Dagster replay job).
+
+    ``chunk_rows`` is the keyset page size per instrument; memory holds at most one page per
+    instrument, and at most about ``MEMORY_BUDGET_CHUNKS * chunk_rows`` ticks in all.
+    """
 
     def __init__(self, pool: asyncpg.Pool, *, chunk_rows: int = 5000) -> None:
         if chunk_rows < 1:
@@ -193,6 +203,18 @@ class ReplayEngine:
             for t in batch:
                 yield t
 
+    async def catch_up(
+        self, token: int, after_ns: int, after_seq: int, end: datetime | None = None
+    ) -> AsyncIterator[list[LiveTick]]:
+        """WebSocket catch-up: ticks of one instrument strictly after (exchange_ts ns,
+        sequence_id), up to ``end`` (exclusive; default now + 1 day, i.e. all stored), in batches.
+        Pass the position of the last tick the client has (or ``since`` in ns with
+        ``after_seq=-1`` to include ticks at exactly that instant)."""
+        stop = end or datetime.now(UTC) + timedelta(days=1)
+        start = to_datetime_us(after_ns // 1000)
+        async for batch in self.batches([token], start, stop, after=(after_ns, token, after_seq)):
+            yield batch
+
     async def _merge(
         self,
         tokens: Sequence[int],
@@ -212,11 +234,16 @@ class ReplayEngine:
         for tok in uniq:
             key_us, key_seq = _lower_bound(tok, start_us, after)
             readers.append(_Reader(tok, exchanges.get(tok), key_us, key_seq))
-        limit = self._chunk_rows
+        limit = max(
+            min(self._chunk_rows, MIN_PAGE_ROWS),
+            min(self._chunk_rows, self._chunk_rows * MEMORY_BUDGET_CHUNKS // len(readers)),
+        )
         # First chunks concurrently (one connection each, briefly): start-up latency matters
         # to a WebSocket catch-up over many instruments.
         have = await asyncio.gather(*(r.fetch(self._pool, end, limit) for r in readers))
-        heap = [(r.ts[0], r.token, k) for k, (r, ok) in enumerate(zip(readers, have)) if ok]
+        heap = [
+            (r.ts[0], r.token, k) for k, (r, ok) in enumerate(zip(readers, have, strict=True)) if ok
+        ]
         heapq.heapify(heap)
         out: list[LiveTick] = []
         while heap:

@@ -1,0 +1,75 @@
+"""``GET /v1/replay``: stored ticks of one or more instruments as an NDJSON stream, merged in
+exchange-time order, at a chosen speed (nadi.replay.ReplayEngine).
+
+Each line is one tick in the live/ring form (:class:`nadi.ring.LiveTick`): the wire fields with
+``exchange_ts`` in UTC epoch nanoseconds, plus ``status`` — the same objects the WebSocket and
+``nadi replay`` emit, so a client can feed a replay through the code that handles live ticks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
+
+from api.rest.deps import Pool
+from api.rest.models import ErrorOut
+from api.rest.params import TimeRange, ensure_known, time_range
+from nadi.replay import ReplayEngine
+from nadi.settings import Settings
+
+router = APIRouter(tags=["replay"])
+
+_encode = msgspec.json.Encoder().encode
+
+
+@router.get(
+    "/replay",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {
+                "application/x-ndjson": {
+                    "example": '{"instrument_token":738561,"sequence_id":1,'
+                    '"exchange_ts":1736135100012345000,"last_price":1234.5,"status":"OK",'
+                    '"exchange":"NSE","last_qty":10}\n'
+                }
+            },
+            "description": "one tick per line, in (exchange_ts, instrument_token, "
+            "sequence_id) order",
+        },
+        404: {"model": ErrorOut},
+        422: {"model": ErrorOut},
+    },
+    summary="Replay stored ticks as NDJSON (speed 0 = as fast as possible, 1 = real time)",
+)
+async def replay(
+    request: Request,
+    pool: Pool,
+    instrument_token: Annotated[
+        list[int], Query(description="repeat for several instruments", examples=[[738561]])
+    ],
+    rng: Annotated[TimeRange, Depends(time_range)],
+    speed: Annotated[
+        float, Query(ge=0, le=10_000, description="0 = as fast as possible, 1 = real time, N = N×")
+    ] = 0.0,
+) -> StreamingResponse:
+    tokens = sorted(set(instrument_token))
+    if not tokens or len(tokens) > 500 or any(t <= 0 for t in tokens):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail="instrument_token: give 1 to 500 positive tokens",
+        )
+    await ensure_known(pool, tokens)
+    settings: Settings = request.app.state.settings
+    engine = ReplayEngine(pool, chunk_rows=settings.replay_chunk_rows)
+
+    async def body() -> AsyncIterator[bytes]:
+        # One write per batch: at speed 0 a batch is ~2000 ticks, at speed >= 1 whatever is due.
+        async for batch in engine.batches(tokens, rng.start, rng.end, speed=speed):
+            yield b"".join([_encode(t) + b"\n" for t in batch])
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
