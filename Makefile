@@ -6,7 +6,7 @@ PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: up test install services migrate lint typecheck bench clean-services
+.PHONY: up test install services migrate lint typecheck clean-services web browser-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ up: install
 	$(BIN)/nadi up
 
 ## Start the services the tests need, then run every test against them.
-test: services
+test: services browser-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Debian's chromium and playwright-core for the live page's browser test.
+browser-deps:
+	bash tests/browser/setup.sh
+
+## Rebuild the live page (api/static is committed, so only after editing web/src).
+web:
+	cd web && npm ci --no-audit --no-fund && npm run build
 
 lint: install
 	$(BIN)/ruff check .

@@ -28,5 +28,6 @@ def api(
         workers=workers,
         log_level="info",
         ws_max_size=settings.ws_max_message_bytes,
+        ws_per_message_deflate=False,  # compressing every small frame costs more than it saves
         proxy_headers=False,
     )

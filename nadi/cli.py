@@ -12,7 +12,9 @@ import typer
 
 from api.cli import api
 from bench.candles import bench_candles
+from bench.latency import bench_latency
 from bench.replay import bench_replay
+from bench.ws import bench_ws
 from nadi.settings import get_settings
 from nadi.supervisor import Component, supervise
 from streaming.replay_cli import replay
@@ -36,6 +38,8 @@ app.command("api")(api)
 app.command("replay")(replay)
 bench_app.command("replay")(bench_replay)
 bench_app.command("candles")(bench_candles)
+bench_app.command("latency")(bench_latency)
+bench_app.command("ws")(bench_ws)
 instruments_app.command("load")(instruments_load)
 
 
