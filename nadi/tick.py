@@ -45,9 +45,7 @@ class WireTick(msgspec.Struct, forbid_unknown_fields=False):
     feed: str | None = None
 
 
-class Tick(
-    msgspec.Struct, frozen=True, gc=False, rename={"exchange_ts_ns": "exchange_ts"}
-):
+class Tick(msgspec.Struct, frozen=True, gc=False, rename={"exchange_ts_ns": "exchange_ts"}):
     """A validated tick. ``exchange_ts_ns`` is UTC epoch nanoseconds (encoded as
     ``exchange_ts``, so a Tick's JSON reads like the wire format)."""
 

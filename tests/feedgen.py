@@ -43,10 +43,10 @@ class Feed:
     unique: set[tuple[int, int, int]] = field(default_factory=set)  # (token, seq, ts_us)
     dropped: dict[int, list[int]] = field(default_factory=dict)
 
-    def messages(self) -> list[tuple[bytes, bytes]]:
+    def messages(self) -> list[tuple[bytes | None, bytes]]:
         rng = random.Random(self.seed)
         seqs = dict.fromkeys(self.tokens, 0)
-        out: list[tuple[bytes, bytes]] = []
+        out: list[tuple[bytes | None, bytes]] = []
         pending_b: list[tuple[int, tuple[bytes, bytes]]] = []
         for i in range(self.n):
             token = rng.choice(self.tokens)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,7 +29,7 @@ async def env(migrated: Settings, pg: asyncpg.Connection) -> Settings:
     return s
 
 
-async def _run(s: Settings, messages: list[tuple[bytes | None, bytes]]) -> None:
+async def _run(s: Settings, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
     produce(s.kafka_bootstrap, s.topic_ticks, messages)
     async with running_worker(s):
         await wait_caught_up(s.kafka_bootstrap, s.group_id, s.topic_ticks)
@@ -42,7 +44,8 @@ async def test_feed_duplicates_become_one_row(env: Settings, pg: asyncpg.Connect
     assert await pg.fetchval("SELECT count(*) FROM sequence_gaps") == 0
     # The live fan-out carried each tick once, with ring offsets increasing per instrument.
     r = aioredis.from_url(env.redis_url)
-    live = [e for _, fields in await r.xrange(LIVE_STREAM) for e in decode_live_entry(fields)]
+    entries: Any = await r.xrange(LIVE_STREAM)
+    live = [e for _, fields in entries for e in decode_live_entry(fields)]
     await r.aclose()
     assert sorted((e.t.instrument_token, e.t.sequence_id) for e in live) == sorted(
         (tok, seq) for tok, seq, _ in feed.unique

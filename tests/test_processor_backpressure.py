@@ -47,12 +47,26 @@ async def test_redis_down_pauses_then_resumes_by_itself(
             await asyncio.sleep(4)  # Redis is down: the worker must hold still
             assert _metric("nadi_partitions_paused") == 1
             assert _metric("nadi_write_retries_total", {"sink": "redis"}) > retries_before
-            _, committed = await asyncio.to_thread(_offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks)
-            assert all(v < 0 for v in committed.values()), "nothing may be committed while Redis is down"
+            _, committed = await asyncio.to_thread(
+                _offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks
+            )
+            assert all(v < 0 for v in committed.values()), (
+                "nothing may be committed while Redis is down"
+            )
             assert await pg.fetchval("SELECT count(*) FROM ticks") == 0
 
             server = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--dir",
+                    str(tmp_path),
+                ],
                 stdout=subprocess.DEVNULL,
             )
             await wait_caught_up(s.kafka_bootstrap, s.group_id, s.topic_ticks, timeout_s=60)

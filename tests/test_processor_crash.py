@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -102,7 +103,7 @@ async def _scenario(
     r = aioredis.from_url(s.redis_url)
     ring_dups = 0
     for token in TOKENS:
-        entries = await r.xrange(f"nadi:ring:{token}")
+        entries: Any = await r.xrange(f"nadi:ring:{token}")
         seqs = [msgspec.json.decode(f[b"d"])["sequence_id"] for _, f in entries]
         ring_dups += len(seqs) - len(set(seqs))
         expected = sorted(q for tok, q, _ in feed.unique if tok == token)[-len(seqs) :]
