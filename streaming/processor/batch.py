@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -42,6 +42,13 @@ _DUP_REDIS = metrics.DUPLICATES.labels(stage="redis")
 _DUP_DB = metrics.DUPLICATES.labels(stage="database")
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+StepRunner = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+async def _once(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return await fn()
 
 
 class Stale(Exception):
@@ -175,12 +182,20 @@ class BatchProcessor:
         """Dead-letter the rejects; returns once Kafka acknowledged them all."""
         await dlq.publish(self.producer, self.s.topic_dlq, rejects)
 
-    async def write(self, p: Prepared) -> BatchReport:
-        """Make a prepared batch durable in TimescaleDB and the ring, then advance the state."""
+    async def write(
+        self,
+        p: Prepared,
+        *,
+        db_step: StepRunner | None = None,
+        ring_step: StepRunner | None = None,
+    ) -> BatchReport:
+        """Make a prepared batch durable in TimescaleDB and the ring (concurrently), then
+        advance the Redis state. ``db_step``/``ring_step`` let the worker order each sink's
+        writes across batches and retry them; by default each runs once."""
         days = [k[1] for k in p.keys]
         results = await asyncio.gather(
-            self._write_db(p.fresh, days, p.statuses, p.gaps),
-            self.ring.append(p.fresh, days, p.statuses),
+            (db_step or _once)(lambda: self._write_db(p.fresh, days, p.statuses, p.gaps)),
+            (ring_step or _once)(lambda: self.ring.append(p.fresh, days, p.statuses)),
             return_exceptions=True,  # both finish before we look: no orphaned task
         )
         for r in results:
@@ -188,14 +203,18 @@ class BatchProcessor:
                 raise r
         written, offsets = results
         assert isinstance(written, WriteResult) and isinstance(offsets, list)
+        p.report.written = written
+        p.report.ring_appended = sum(1 for o in offsets if o is not None)
+        return p.report
+
+    async def commit_state(self, p: Prepared) -> None:
+        """After both sinks: mark the sequences persisted and advance the sequence state
+        (both commutative, so batches may do this in any order)."""
         by_key: dict[Key, list[int]] = {}
         for t, key in zip(p.fresh, p.keys, strict=True):
             by_key.setdefault(key, []).append(t.sequence_id)
         await self.state.commit(by_key, p.last)
-        p.report.written = written
-        p.report.ring_appended = sum(1 for o in offsets if o is not None)
         self._observe(p.report, p.fresh)
-        return p.report
 
     def _dedup_in_memory(
         self, ticks: Sequence[Tick], report: BatchReport

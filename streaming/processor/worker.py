@@ -10,12 +10,14 @@ partitions and retries with backoff, polling only to stay in the group.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -30,7 +32,7 @@ from nadi.db.pool import create_pool
 from nadi.db.tick_writer import init_connection
 from nadi.logs import get_logger
 from nadi.settings import Settings
-from streaming.processor.batch import BatchProcessor, Prepared, Record, Stale
+from streaming.processor.batch import BatchProcessor, Prepared, Record, Stale, StepRunner
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -52,8 +54,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         w.assigned -= revoked
         w.revoking = True
         try:
-            if w.pending is not None:
-                await asyncio.wait({w.pending}, timeout=w.revoke_wait_s)
+            if w.in_flight:
+                await asyncio.wait([f.task for f in w.in_flight], timeout=w.revoke_wait_s)
         finally:
             if w.processor is not None:
                 w.processor.reset()
@@ -71,7 +73,12 @@ class MarketDataProcessor:
     single in-flight write task; ``stop()`` drains it and commits."""
 
     def __init__(
-        self, settings: Settings, *, topic: str | None = None, revoke_wait_s: float = 20.0
+        self,
+        settings: Settings,
+        *,
+        topic: str | None = None,
+        revoke_wait_s: float = 20.0,
+        max_in_flight: int = 4,
     ) -> None:
         self.s = settings
         self.topic = topic or settings.topic_ticks
@@ -81,7 +88,9 @@ class MarketDataProcessor:
         self.batches = 0
         self.committed_records = 0
         self.assigned: set[TopicPartition] = set()
-        self.pending: asyncio.Task[None] | None = None
+        # Batches being written, oldest first; each sink writes them in this order.
+        self.in_flight: collections.deque[_Flight] = collections.deque()
+        self.max_in_flight = max_in_flight
         self.processor: BatchProcessor | None = None
         self._paused = 0
 
@@ -100,7 +109,7 @@ class MarketDataProcessor:
             auto_offset_reset="earliest",
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=5,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
             max_poll_interval_ms=300_000,
@@ -118,8 +127,8 @@ class MarketDataProcessor:
             try:
                 await self._loop(consumer, self.processor, pool)
             finally:
-                if self.pending is not None:
-                    await asyncio.wait({self.pending})  # drain: finish and commit
+                if self.in_flight:  # drain: finish and commit
+                    await asyncio.wait([f.task for f in self.in_flight])
                 await consumer.stop()  # leaves the group; nothing uncommitted is claimed
         finally:
             await producer.stop()
@@ -156,13 +165,20 @@ class MarketDataProcessor:
                     )
                 except (_Abandoned, Stale):
                     prepared = None
-            if self.pending is not None:
-                await asyncio.wait({self.pending})
-                self.pending = None
+            while self.in_flight and self.in_flight[0].task.done():
+                self.in_flight.popleft()
             if prepared is not None and prepared.generation == processor.generation:
-                self.pending = asyncio.create_task(
-                    self._write_and_commit(consumer, processor, prepared, rejects, batch, t0)
+                prev = self.in_flight[-1] if self.in_flight else None
+                flight = _Flight.new()
+                flight.task = asyncio.create_task(
+                    self._write_and_commit(
+                        consumer, processor, prepared, rejects, batch, t0, prev, flight
+                    )
                 )
+                self.in_flight.append(flight)
+            if len(self.in_flight) >= self.max_in_flight:
+                # Backpressure: no more than max_in_flight batches beyond what is committed.
+                await asyncio.wait({self.in_flight[0].task})
             if time.monotonic() - last_refresh > 60:
                 last_refresh = time.monotonic()
                 with contextlib.suppress(Exception):
@@ -176,13 +192,53 @@ class MarketDataProcessor:
         rejects: list[tuple[Record, Rejected]],
         batch: dict[TopicPartition, list[Record]],
         t0: float,
+        prev: _Flight | None,
+        me: _Flight,
     ) -> None:
+        """One batch: dead letters, then TimescaleDB and the ring together, each after the
+        previous batch's write to the same sink; the offsets after the previous commit. A
+        batch whose predecessor was abandoned is abandoned too (its records come again)."""
+
+        def ordered(
+            sink: str, after: asyncio.Future[None] | None, done: asyncio.Future[None]
+        ) -> StepRunner:
+            async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+                try:
+                    if after is not None:
+                        await asyncio.shield(after)
+                    result = await self._retrying(consumer, sink, fn)
+                except BaseException as e:
+                    _settle(done, _Abandoned() if not isinstance(e, _Abandoned) else e)
+                    raise
+                _settle(done, None)
+                return result
+
+            return run
+
         try:
-            await self._retrying(
-                consumer, "dlq", functools.partial(processor.publish_rejects, rejects)
+            try:
+                await self._retrying(
+                    consumer, "dlq", functools.partial(processor.publish_rejects, rejects)
+                )
+            except BaseException as e:
+                for fut in (me.db, me.ring, me.state):
+                    _settle(fut, _Abandoned())
+                raise _Abandoned from e
+            await processor.write(
+                prepared,
+                db_step=ordered("db", prev.db if prev else None, me.db),
+                ring_step=ordered("ring", prev.ring if prev else None, me.ring),
             )
-            await self._retrying(consumer, "sinks", functools.partial(processor.write, prepared))
+            await self._retrying(
+                consumer, "redis", functools.partial(processor.commit_state, prepared)
+            )
+            if prev is not None:
+                await asyncio.wait({prev.task})
+                if prev.abandoned:
+                    raise _Abandoned
         except _Abandoned:
+            _settle(me.state, _Abandoned())
+            me.abandoned = True
             processor.reset()  # later prepared batches assumed this one would land
             return
         await self._commit(consumer, batch)
@@ -267,6 +323,41 @@ class MarketDataProcessor:
     async def _known_tokens(pool: asyncpg.Pool) -> frozenset[int]:
         rows = await pool.fetch("SELECT instrument_token FROM instruments")
         return frozenset(r[0] for r in rows)
+
+
+@dataclass
+class _Flight:
+    """A batch being written: when its database write, ring write and Redis state update are
+    done (successors wait on these to keep each in batch order), and the task that ends with
+    its offset commit."""
+
+    db: asyncio.Future[None]
+    ring: asyncio.Future[None]
+    state: asyncio.Future[None]
+    task: asyncio.Task[None] = field(init=False)
+    abandoned: bool = False
+
+    @classmethod
+    def new(cls) -> _Flight:
+        loop = asyncio.get_running_loop()
+        f = cls(loop.create_future(), loop.create_future(), loop.create_future())
+        for fut in (f.db, f.ring, f.state):
+            fut.add_done_callback(_retrieve)  # a failure is read by successors, if any
+        return f
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 class _RetryState:
