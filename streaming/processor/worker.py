@@ -78,7 +78,7 @@ class MarketDataProcessor:
         *,
         topic: str | None = None,
         revoke_wait_s: float = 20.0,
-        max_in_flight: int = 4,
+        max_in_flight: int = 8,
     ) -> None:
         self.s = settings
         self.topic = topic or settings.topic_ticks
@@ -91,6 +91,9 @@ class MarketDataProcessor:
         # Batches being written, oldest first; each sink writes them in this order.
         self.in_flight: collections.deque[_Flight] = collections.deque()
         self.max_in_flight = max_in_flight
+        self._committable: dict[TopicPartition, int] = {}
+        self._committable_records = 0
+        self._commit_lock = asyncio.Lock()
         self.processor: BatchProcessor | None = None
         self._paused = 0
 
@@ -221,7 +224,7 @@ class MarketDataProcessor:
                     consumer, "dlq", functools.partial(processor.publish_rejects, rejects)
                 )
             except BaseException as e:
-                for fut in (me.db, me.ring, me.state):
+                for fut in (me.db, me.ring, me.state, me.ready):
                     _settle(fut, _Abandoned())
                 raise _Abandoned from e
             await processor.write(
@@ -233,15 +236,18 @@ class MarketDataProcessor:
                 consumer, "redis", functools.partial(processor.commit_state, prepared)
             )
             if prev is not None:
-                await asyncio.wait({prev.task})
-                if prev.abandoned:
-                    raise _Abandoned
+                await asyncio.shield(prev.ready)  # offsets become committable in batch order
         except _Abandoned:
-            _settle(me.state, _Abandoned())
-            me.abandoned = True
+            for fut in (me.state, me.ready):
+                _settle(fut, _Abandoned())
             processor.reset()  # later prepared batches assumed this one would land
             return
-        await self._commit(consumer, batch)
+        for tp, recs in batch.items():
+            if recs:
+                self._committable[tp] = recs[-1].offset + 1
+        self._committable_records += sum(len(r) for r in batch.values())
+        _settle(me.ready, None)
+        await self._commit(consumer)
         n = sum(len(r) for r in batch.values())
         metrics.TICKS_IN.inc(n)
         metrics.BATCH_SIZE.observe(n)
@@ -296,18 +302,23 @@ class MarketDataProcessor:
             consumer.resume(*consumer.assignment())
             metrics.PAUSED.set(0)
 
-    async def _commit(
-        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]
-    ) -> None:
-        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
-        try:
-            await consumer.commit(offsets)
-            self.batches += 1
-            self.committed_records += sum(len(r) for r in batch.values())
-        except (CommitFailedError, KafkaError) as e:
-            # The group moved on: the next owner gets these records again, and every write
-            # above is idempotent, so redelivery is harmless.
-            log.warning("commit failed; batch will be redelivered", error=repr(e)[:200])
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit every offset that is durable so far. One commit at a time; batches that
+        became ready meanwhile ride along with the next one instead of queueing a commit each,
+        so commit round trips don't throttle a stream of small batches."""
+        async with self._commit_lock:
+            if not self._committable:
+                return  # an earlier caller committed ours too
+            offsets, self._committable = self._committable, {}
+            records, self._committable_records = self._committable_records, 0
+            try:
+                await consumer.commit(offsets)
+                self.batches += 1
+                self.committed_records += records
+            except (CommitFailedError, KafkaError) as e:
+                # The group moved on: the next owner gets these records again, and every
+                # write above is idempotent, so redelivery is harmless.
+                log.warning("commit failed; batch will be redelivered", error=repr(e)[:200])
 
     def _observe_lag(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]
@@ -334,14 +345,14 @@ class _Flight:
     db: asyncio.Future[None]
     ring: asyncio.Future[None]
     state: asyncio.Future[None]
+    ready: asyncio.Future[None]  # its offsets joined the committable set
     task: asyncio.Task[None] = field(init=False)
-    abandoned: bool = False
 
     @classmethod
     def new(cls) -> _Flight:
         loop = asyncio.get_running_loop()
-        f = cls(loop.create_future(), loop.create_future(), loop.create_future())
-        for fut in (f.db, f.ring, f.state):
+        f = cls(*(loop.create_future() for _ in range(4)))
+        for fut in (f.db, f.ring, f.state, f.ready):
             fut.add_done_callback(_retrieve)  # a failure is read by successors, if any
         return f
 
