@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -38,7 +40,13 @@ async def ensure_topics(s: Settings) -> dict[str, int]:
         ]
         if missing:
             await admin.create_topics(missing)
-        described = await admin.describe_topics(list(wanted))
-        return {d["topic"]: len(d["partitions"]) for d in described}
+        # A new topic's partitions reach the metadata a moment after create_topics returns.
+        for _ in range(100):
+            described = await admin.describe_topics(list(wanted))
+            counts = {d["topic"]: len(d["partitions"]) for d in described}
+            if all(counts.get(t, 0) > 0 for t in wanted):
+                break
+            await asyncio.sleep(0.1)
+        return counts
     finally:
         await admin.close()
