@@ -12,8 +12,7 @@ from pathlib import Path
 
 import asyncpg
 import psutil
-from confluent_kafka import Consumer, Producer
-from confluent_kafka import TopicPartition as CTopicPartition
+from confluent_kafka import Producer
 
 from bench.common import (
     PeakRss,
@@ -25,6 +24,7 @@ from bench.common import (
     worker_env,
 )
 from nadi.codec import encode
+from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
 from nadi.tick import NS, Tick
 
@@ -95,25 +95,8 @@ def fill_topic(s: Settings, ticks: list[Tick], dup_rate: float, seed: int = 2) -
     return n
 
 
-def _group_done(s: Settings, ends: dict[int, int]) -> bool:
-    c = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": s.group_id})
-    try:
-        tps = c.committed([CTopicPartition(s.topic_ticks, p) for p in ends], timeout=10)
-        return all(tp.offset >= ends[tp.partition] for tp in tps)
-    finally:
-        c.close()
-
-
-def _end_offsets(s: Settings) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": s.group_id})
-    try:
-        parts = c.list_topics(s.topic_ticks, timeout=10).topics[s.topic_ticks].partitions
-        return {
-            p: c.get_watermark_offsets(CTopicPartition(s.topic_ticks, p), timeout=10)[1]
-            for p in parts
-        }
-    finally:
-        c.close()
+def _caught_up(ends: dict[int, int], done: dict[int, int]) -> bool:
+    return all(done.get(p, -1) >= end for p, end in ends.items())
 
 
 async def raw_write(s: Settings, ticks: list[Tick], batch: int) -> float:
@@ -205,7 +188,9 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
         t_fill = time.perf_counter()
         messages = await asyncio.to_thread(fill_topic, s, ticks, dup_rate)
         fill_s = time.perf_counter() - t_fill
-        ends = await asyncio.to_thread(_end_offsets, s)
+        ends, _ = await asyncio.to_thread(
+            group_offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks
+        )
         assert sum(ends.values()) == messages
 
         log = s.home / "bench" / "ingest-worker.log"
@@ -214,7 +199,12 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
         worker = spawn(["process"], worker_env(s), Path(log))
         rss = PeakRss(worker.pid)
         rss.start()
-        while not await asyncio.to_thread(_group_done, s, ends):
+        while not _caught_up(
+            ends,
+            (await asyncio.to_thread(group_offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks))[
+                1
+            ],
+        ):
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited with {worker.returncode}; see {log}")
             await asyncio.sleep(0.1)

@@ -6,6 +6,7 @@ import asyncio
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
+from confluent_kafka import Consumer, TopicPartition
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from nadi.settings import Settings
@@ -50,3 +51,17 @@ async def ensure_topics(s: Settings) -> dict[str, int]:
         return counts
     finally:
         await admin.close()
+
+
+def group_offsets(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(end offsets, offsets committed by ``group``; negative where none) per partition of
+    ``topic``. Blocking (librdkafka): call it from a thread in async code."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        tps = [TopicPartition(topic, p) for p in parts]
+        ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+        done = {tp.partition: tp.offset for tp in c.committed(tps, timeout=10)}
+        return ends, done
+    finally:
+        c.close()

@@ -9,8 +9,9 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from confluent_kafka import Consumer, Producer
-from confluent_kafka import TopicPartition as CTopicPartition
+from confluent_kafka import Producer
+
+from nadi.kafka_admin import group_offsets
 
 
 async def create_topic(bootstrap: str, prefix: str, partitions: int) -> str:
@@ -46,29 +47,13 @@ def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, b
     return n
 
 
-def _offsets(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int], dict[int, int]]:
-    """(end offsets, committed offsets of ``group``) per partition, via librdkafka."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        meta = c.list_topics(topic, timeout=10)
-        parts = sorted(meta.topics[topic].partitions)
-        ends = {p: c.get_watermark_offsets(CTopicPartition(topic, p), timeout=10)[1] for p in parts}
-        done = {
-            tp.partition: tp.offset
-            for tp in c.committed([CTopicPartition(topic, p) for p in parts], timeout=10)
-        }
-        return ends, done
-    finally:
-        c.close()
-
-
 async def wait_caught_up(bootstrap: str, group: str, topic: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     ends: dict[int, int] = {}
     done: dict[int, int] = {}
     while time.monotonic() < deadline:
         # In a thread: the worker under test may share this event loop.
-        ends, done = await asyncio.to_thread(_offsets, bootstrap, group, topic)
+        ends, done = await asyncio.to_thread(group_offsets, bootstrap, group, topic)
         if all(done.get(p, -1) >= end for p, end in ends.items() if end > 0):
             return
         await asyncio.sleep(0.25)

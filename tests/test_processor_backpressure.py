@@ -13,10 +13,11 @@ from pathlib import Path
 import asyncpg
 from prometheus_client import REGISTRY
 
+from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
 from nadi.tick import NS
 from tests.feedgen import Feed
-from tests.kafka_util import _offsets, produce, wait_caught_up
+from tests.kafka_util import produce, wait_caught_up
 from tests.processor_util import private_settings, reset_state, running_worker, stored
 
 
@@ -48,7 +49,7 @@ async def test_redis_down_pauses_then_resumes_by_itself(
             assert _metric("nadi_partitions_paused") == 1
             assert _metric("nadi_write_retries_total", {"sink": "redis"}) > retries_before
             _, committed = await asyncio.to_thread(
-                _offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks
+                group_offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks
             )
             assert all(v < 0 for v in committed.values()), (
                 "nothing may be committed while Redis is down"
