@@ -1,6 +1,8 @@
 """The ``nadi`` console script (DESIGN.md section 3).
 
-Each verb imports its app lazily so ``nadi services`` works before the heavy apps are needed.
+Verbs whose options live with their app (simulate, api, replay, benchmarks) are imported here
+so typer can read their signatures; the work of every verb (the processor, Dagster, the
+services) is imported inside the command, so a start-up stays under a second.
 """
 
 from __future__ import annotations
