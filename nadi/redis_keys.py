@@ -4,6 +4,7 @@ Per trading day (``day`` = days since 1970-01-01 of the Asia/Kolkata date):
 - ``nadi:dd:{day}:{token}``   bitmap of sequence ids persisted in TimescaleDB (dedup filter)
 - ``nadi:rl:{day}``           hash token -> last in-order sequence appended to the ring
 - ``nadi:rlate:{day}:{token}`` set of late (RECOVERED) sequences appended to the ring
+- ``nadi:rfloor:{day}``       hash token -> first in-order sequence appended since the ring (re)started
 - ``nadi:seq:{day}``          hash token -> last sequence id seen (SequenceTracker state)
 Across days:
 - ``nadi:ring:{token}``       stream, the instrument's ring buffer (MAXLEN-bounded)

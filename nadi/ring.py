@@ -3,7 +3,10 @@
 Appends are idempotent, checked in the same Lua call as the XADD: in-order ticks (OK, STALE)
 arrive in increasing sequence, so the last appended sequence per instrument-day
 (``nadi:rl:{day}``) identifies a redelivery; late ticks are remembered in a small set. A
-redelivered batch never puts a tick in the ring twice. The
+redelivered batch never puts a tick in the ring twice. After Redis loses its keys the ring
+restarts at a *floor* (``nadi:rfloor:{day}``, the first in-order tick appended since): a late
+tick that the database already had goes in only above it, so the ring stays a gap-free tail
+of what is stored. The
 ring stream's entry id is the tick's *ring offset*, which WebSocket clients resume from.
 
 The live fan-out stream ``nadi:live`` gets one entry per batch: field ``p`` holds a JSON array
@@ -22,22 +25,30 @@ import redis.asyncio as aioredis
 from nadi.redis_keys import LIVE_STREAM
 from nadi.tick import Tick
 
+# How the script decides whether a tick is new to the ring (``RingMode``).
+IN_ORDER = 1  # OK/STALE: increasing per instrument-day, so compared with the last appended
+NEW_LATE = 0  # out of order and new to the database: appended unless already in the ring
+STORED_LATE = 2  # out of order, already stored: only if above the floor and not in the ring
+
 # Keys are built inside the script (single-node Redis; the key set depends on the batch).
 _APPEND = """
 local items = cmsgpack.unpack(ARGV[1])
 local maxlen, live_maxlen, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local out, ringlast, touched = {}, {}, {}
+local out, ringlast, touched, floors = {}, {}, {}, {}
 local appended = 0
 for i, it in ipairs(items) do
-  local day, token, seq, inorder, payload = it[1], it[2], it[3], it[4], it[5]
+  local day, token, seq, mode, payload = it[1], it[2], it[3], it[4], it[5]
   local gk = day .. ':' .. token
   local fresh
-  if inorder == 1 then
+  if mode == 1 then
     -- In-order ticks of an instrument-day reach the ring in increasing sequence: anything at
     -- or below the last appended one is a redelivery.
     local rl = ringlast[gk]
     if rl == nil then
       rl = tonumber(redis.call('HGET', 'nadi:rl:' .. day, token) or '-1')
+      -- No record (a new day, or Redis lost its keys): the ring restarts here, and older
+      -- ticks that are already stored must not land in it behind this one.
+      if rl < 0 then floors[gk] = {day, token, seq} end
     end
     fresh = seq > rl
     if fresh then rl = seq end
@@ -46,7 +57,12 @@ for i, it in ipairs(items) do
   else
     -- Late ticks (few): remembered one by one.
     local lk = 'nadi:rlate:' .. day .. ':' .. token
-    fresh = redis.call('SADD', lk, seq) == 1
+    if mode == 2 then
+      local floor = tonumber(redis.call('HGET', 'nadi:rfloor:' .. day, token) or '-1')
+      fresh = floor >= 0 and seq > floor and redis.call('SADD', lk, seq) == 1
+    else
+      fresh = redis.call('SADD', lk, seq) == 1
+    end
     redis.call('EXPIRE', lk, ttl)
   end
   if fresh then
@@ -59,6 +75,10 @@ end
 for gk, dt in pairs(touched) do
   redis.call('HSET', 'nadi:rl:' .. dt[1], dt[2], ringlast[gk])
   redis.call('EXPIRE', 'nadi:rl:' .. dt[1], ttl)
+end
+for _, f in pairs(floors) do
+  redis.call('HSET', 'nadi:rfloor:' .. f[1], f[2], f[3])
+  redis.call('EXPIRE', 'nadi:rfloor:' .. f[1], ttl)
 end
 -- Building the live JSON in Lua cost more than all the XADDs: the client sends the batch's
 -- payloads pre-joined (ARGV[5]) and only the offsets are joined here.
@@ -130,17 +150,25 @@ class RingWriter:
         self._tail = [maxlen, live_maxlen, ttl_s]
 
     async def append(
-        self, ticks: Sequence[Tick], days: Sequence[int], statuses: Sequence[str]
+        self,
+        ticks: Sequence[Tick],
+        days: Sequence[int],
+        statuses: Sequence[str],
+        modes: Sequence[int] | None = None,
     ) -> list[str | None]:
-        """Returns the ring offset of each tick, or None where it was already in the ring."""
+        """Returns the ring offset of each tick, or None where it was already in the ring.
+        ``modes`` (IN_ORDER, NEW_LATE, STORED_LATE) default from the statuses: OK and STALE
+        are in order, anything else is a late tick new to the database."""
         if not ticks:
             return []
+        if modes is None:
+            modes = [IN_ORDER if s in _IN_ORDER else NEW_LATE for s in statuses]
         payloads = [live_payload(t, s) for t, s in zip(ticks, statuses, strict=True)]
         blob = _pack(
             [
                 # As str: Redis's Lua msgpack predates the bin type.
-                (d, t.instrument_token, t.sequence_id, 1 if s in _IN_ORDER else 0, p.decode())
-                for t, d, s, p in zip(ticks, days, statuses, payloads, strict=True)
+                (d, t.instrument_token, t.sequence_id, m, p.decode())
+                for t, d, m, p in zip(ticks, days, modes, payloads, strict=True)
             ]
         )
         joined = b"[" + b",".join(payloads) + b"]"

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -132,6 +133,50 @@ async def reset_redis(s: Settings) -> None:
     r = aioredis.from_url(s.redis_url)
     await r.flushdb()
     await r.aclose()
+
+
+async def _ring(s: Settings, token: int) -> list[tuple[int, str]]:
+    r = aioredis.from_url(s.redis_url)
+    entries: Any = await r.xrange(f"nadi:ring:{token}")
+    await r.aclose()
+    out = []
+    for _, f in entries:
+        d = orjson.loads(f[b"d"])
+        out.append((d["sequence_id"], d["status"]))
+    return out
+
+
+async def test_ring_stays_a_tail_of_what_is_stored_after_redis_loses_its_keys(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
+    t0 = time.time_ns() - 60 * NS
+    ticks = {s: tick(T3, s, t0 + s * 1000) for s in range(1, 10)}
+    await _run(env, [msg(ticks[s]) for s in range(1, 6)])
+    assert [q for q, _ in await _ring(env, T3)] == [1, 2, 3, 4, 5]
+    await reset_redis(env)  # ring, dedup and sequence state gone; the worker restarts cold
+    # A stored tick comes again (a feed-B copy, or a redelivery) ahead of new ones.
+    await _run(env, [msg(ticks[3], "B")])
+    await _run(env, [msg(ticks[4], "B"), msg(ticks[8]), msg(ticks[9])])
+    assert await _ring(env, T3) == [(8, "STALE"), (9, "OK")], "no stored tick behind the restart"
+    # A late tick new to the database does reach the ring, with the status it was stored as.
+    await _run(env, [msg(ticks[7]), msg(ticks[2], "B")])
+    assert await _ring(env, T3) == [(8, "STALE"), (9, "OK"), (7, "RECOVERED")]
+    rows = dict(await pg.fetch("SELECT sequence_id, status FROM ticks"))
+    assert rows == {
+        1: "OK",
+        2: "OK",
+        3: "OK",
+        4: "OK",
+        5: "OK",
+        7: "RECOVERED",
+        8: "STALE",
+        9: "OK",
+    }
+    r = aioredis.from_url(env.redis_url)
+    entries: Any = await r.xrange(LIVE_STREAM)
+    await r.aclose()
+    live = [(e.t.sequence_id, e.t.status) for _, f in entries for e in decode_live_entry(f)]
+    assert live == [(8, "STALE"), (9, "OK"), (7, "RECOVERED")]
 
 
 BAD = {

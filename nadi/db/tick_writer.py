@@ -50,6 +50,14 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class LateOutcome:
+    """What the database made of one LATE tick."""
+
+    stored_now: bool  # inserted by this batch (False: its sequence was already stored)
+    status: str  # the stored row's status: RECOVERED inside an open gap, else OK
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     inserted: int  # new rows in ticks
     stale: int
@@ -57,6 +65,24 @@ class WriteResult:
     late_dropped: int  # late ticks whose sequence was already stored (kept the first)
     gaps_new: int
     gaps_closed: int
+    late: tuple[LateOutcome, ...] = ()  # one per LATE input tick, in input order
+
+
+# After nadi_ingest_staged, in its transaction: a LATE tick still in the stage was inserted;
+# the status is the stored row's either way.
+_LATE_OUTCOMES = """
+SELECT EXISTS (SELECT 1 FROM tick_stage s
+               WHERE s.instrument_token = k.token AND s.trading_day = k.day
+                 AND s.sequence_id = k.seq),
+       (SELECT t.status FROM ticks t
+         WHERE t.instrument_token = k.token
+           AND t.exchange_ts >= (k.day::timestamp AT TIME ZONE 'Asia/Kolkata')
+           AND t.exchange_ts < ((k.day + 1)::timestamp AT TIME ZONE 'Asia/Kolkata')
+           AND t.sequence_id = k.seq
+         LIMIT 1)
+FROM unnest($1::bigint[], $2::date[], $3::bigint[]) WITH ORDINALITY AS k(token, day, seq, n)
+ORDER BY k.n
+"""
 
 
 def _day(ordinal_since_epoch: int) -> object:
@@ -108,5 +134,16 @@ async def write_batch(
                 columns=GAP_STAGE_COLUMNS,
             )
         row = await conn.fetchrow("SELECT * FROM nadi_ingest_staged($1)", mark_dirty)
+        late_idx = [i for i, st in enumerate(statuses) if st == "LATE"]
+        late: tuple[LateOutcome, ...] = ()
+        if late_idx:
+            rows = await conn.fetch(
+                _LATE_OUTCOMES,
+                [ticks[i].instrument_token for i in late_idx],
+                [days[day_ordinals[i]] for i in late_idx],
+                [ticks[i].sequence_id for i in late_idx],
+            )
+            late = tuple(LateOutcome(bool(r[0]), r[1] or "OK") for r in rows)
     assert row is not None
-    return WriteResult(*(int(v) for v in row))
+    inserted, stale, recovered, late_dropped, gaps_new, gaps_closed = (int(v) for v in row)
+    return WriteResult(inserted, stale, recovered, late_dropped, gaps_new, gaps_closed, late)

@@ -28,8 +28,8 @@ from nadi import metrics
 from nadi.codec import Rejected, TickCodec
 from nadi.db.tick_writer import WriteResult, write_batch
 from nadi.logs import get_logger
-from nadi.ring import RingWriter
-from nadi.sequence import Gap, classify
+from nadi.ring import NEW_LATE, STORED_LATE, RingWriter
+from nadi.sequence import LATE, Gap, classify
 from nadi.settings import Settings
 from nadi.tick import IST_OFFSET_S, NS, Tick
 from nadi.tick_state import Key, TickState
@@ -191,13 +191,22 @@ class BatchProcessor:
     ) -> BatchReport:
         """Make a prepared batch durable in TimescaleDB and the ring (concurrently), then
         advance the Redis state. ``db_step``/``ring_step`` let the worker order each sink's
-        writes across batches and retry them; by default each runs once."""
+        writes across batches and retry them; by default each runs once.
+
+        LATE ticks (behind the last sequence, from a reorder across batches or a redelivery
+        after state was lost) go to the ring after the database has settled them: only then
+        is it known whether each is new and with which status."""
         days = [k[1] for k in p.keys]
-        results = await asyncio.gather(
-            (db_step or _once)(lambda: self._write_db(p.fresh, days, p.statuses, p.gaps)),
-            (ring_step or _once)(lambda: self.ring.append(p.fresh, days, p.statuses)),
-            return_exceptions=True,  # both finish before we look: no orphaned task
-        )
+        late = [i for i, s in enumerate(p.statuses) if s == LATE]
+        results: Sequence[object]
+        if not late:
+            results = await asyncio.gather(
+                (db_step or _once)(lambda: self._write_db(p.fresh, days, p.statuses, p.gaps)),
+                (ring_step or _once)(lambda: self.ring.append(p.fresh, days, p.statuses)),
+                return_exceptions=True,  # both finish before we look: no orphaned task
+            )
+        else:
+            results = await self._write_with_late(p, days, late, db_step, ring_step)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -206,6 +215,46 @@ class BatchProcessor:
         p.report.written = written
         p.report.ring_appended = sum(1 for o in offsets if o is not None)
         return p.report
+
+    async def _write_with_late(
+        self,
+        p: Prepared,
+        days: list[int],
+        late: list[int],
+        db_step: StepRunner | None,
+        ring_step: StepRunner | None,
+    ) -> Sequence[object]:
+        now = [i for i, s in enumerate(p.statuses) if s != LATE]
+        settled: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+
+        async def db() -> WriteResult:
+            w = await self._write_db(p.fresh, days, p.statuses, p.gaps)
+            if not settled.done():
+                settled.set_result(w)
+            return w
+
+        async def db_all() -> WriteResult:
+            try:
+                w: WriteResult = await (db_step or _once)(db)
+            except BaseException:
+                if not settled.done():
+                    settled.set_exception(Stale())  # the ring's late part gives up with it
+                raise
+            return w
+
+        async def ring() -> list[str | None]:
+            offsets = await self.ring.append(
+                [p.fresh[i] for i in now], [days[i] for i in now], [p.statuses[i] for i in now]
+            )
+            outcomes = (await asyncio.shield(settled)).late
+            return offsets + await self.ring.append(
+                [p.fresh[i] for i in late],
+                [days[i] for i in late],
+                [o.status for o in outcomes],
+                [NEW_LATE if o.stored_now else STORED_LATE for o in outcomes],
+            )
+
+        return await asyncio.gather(db_all(), (ring_step or _once)(ring), return_exceptions=True)
 
     async def commit_state(self, p: Prepared) -> None:
         """After both sinks: mark the sequences persisted and advance the sequence state
