@@ -9,7 +9,7 @@ TICKS_STORED = Counter("nadi_ticks_stored_total", "New rows written to ticks")
 DUPLICATES = Counter(
     "nadi_duplicates_total",
     "Redundant packets dropped, by where they were caught",
-    ["stage"],  # batch | redis | database
+    ["stage"],  # memory (this batch or recent ones) | redis | database
 )
 CONFLICTS = Counter(
     "nadi_sequence_conflicts_total", "Same sequence seen with a different payload (first kept)"
@@ -37,3 +37,11 @@ WRITE_RETRIES = Counter(
 )
 PAUSED = Gauge("nadi_partitions_paused", "1 while the worker has paused its partitions")
 LAG = Gauge("nadi_consumer_lag", "Messages behind the high watermark", ["partition"])
+STATE_LOADS = Counter(
+    "nadi_state_loads_total",
+    "Batches by whether their dedup/sequence state came from Redis or was already known",
+    ["source"],
+)
+DB_TRANSACTIONS = Counter(
+    "nadi_db_transactions_total", "Tick write transactions (several batches may share one)"
+)

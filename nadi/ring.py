@@ -37,7 +37,7 @@ local maxlen, live_maxlen, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local out, ringlast, touched, floors = {}, {}, {}, {}
 local appended = 0
 for i, it in ipairs(items) do
-  local day, token, seq, mode, payload = it[1], it[2], it[3], it[4], it[5]
+  local day, token, seq, mode = it[1], it[2], it[3], it[4]
   local gk = day .. ':' .. token
   local fresh
   if mode == 1 then
@@ -66,6 +66,8 @@ for i, it in ipairs(items) do
     redis.call('EXPIRE', lk, ttl)
   end
   if fresh then
+    -- The tick's JSON is a slice of the live payload (ARGV[5]): sent once, not twice.
+    local payload = string.sub(ARGV[5], it[5], it[5] + it[6] - 1)
     out[i] = redis.call('XADD', 'nadi:ring:' .. token, 'MAXLEN', '~', maxlen, '*', 'd', payload)
     appended = appended + 1
   else
@@ -129,7 +131,7 @@ def decode_live_entry(fields: Mapping[bytes, bytes]) -> list[LiveEntry]:
     return [LiveEntry(o, t) for o, t in zip(offsets, ticks, strict=True) if o]
 
 
-_IN_ORDER = frozenset(("OK", "STALE"))  # classified past the last sequence: increasing
+IN_ORDER_STATUSES = frozenset(("OK", "STALE"))  # past the last sequence: increasing
 _STATUS_TAIL = {s: f',"status":"{s}"}}'.encode() for s in ("OK", "STALE", "RECOVERED", "LATE")}
 
 
@@ -162,15 +164,14 @@ class RingWriter:
         if not ticks:
             return []
         if modes is None:
-            modes = [IN_ORDER if s in _IN_ORDER else NEW_LATE for s in statuses]
+            modes = [IN_ORDER if s in IN_ORDER_STATUSES else NEW_LATE for s in statuses]
         payloads = [live_payload(t, s) for t, s in zip(ticks, statuses, strict=True)]
-        blob = _pack(
-            [
-                # As str: Redis's Lua msgpack predates the bin type.
-                (d, t.instrument_token, t.sequence_id, m, p.decode())
-                for t, d, m, p in zip(ticks, days, modes, payloads, strict=True)
-            ]
-        )
         joined = b"[" + b",".join(payloads) + b"]"
+        items = []
+        at = 2  # Lua's 1-based position of the first payload, after "["
+        for t, d, m, p in zip(ticks, days, modes, payloads, strict=True):
+            items.append((d, t.instrument_token, t.sequence_id, m, at, len(p)))
+            at += len(p) + 1
+        blob = _pack(items)
         result = await self._script(keys=[LIVE_STREAM], args=[blob, *self._tail, joined])
         return [r.decode() if r else None for r in result]

@@ -1,5 +1,5 @@
 """Batched, idempotent tick writes: binary COPY into session temp tables, then one call of
-``nadi_ingest_staged`` (dbt_or_sql/0008_ingest.sql) that inserts with ON CONFLICT DO NOTHING,
+``nadi_ingest_staged`` (dbt_or_sql/0008_ingest.sql, replaced by 0009) that inserts with ON CONFLICT DO NOTHING,
 records gaps and settles late ticks, all in one transaction."""
 
 from __future__ import annotations

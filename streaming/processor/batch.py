@@ -13,11 +13,12 @@ this worker owns and are reset whenever ownership changes or a batch is abandone
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -28,7 +29,7 @@ from nadi import metrics
 from nadi.codec import Rejected, TickCodec
 from nadi.db.tick_writer import WriteResult, write_batch
 from nadi.logs import get_logger
-from nadi.ring import NEW_LATE, STORED_LATE, RingWriter
+from nadi.ring import IN_ORDER, IN_ORDER_STATUSES, NEW_LATE, STORED_LATE, RingWriter
 from nadi.sequence import LATE, Gap, classify
 from nadi.settings import Settings
 from nadi.tick import IST_OFFSET_S, NS, Tick
@@ -36,23 +37,60 @@ from nadi.tick_state import Key, TickState
 from streaming.processor import dlq
 
 log = get_logger(__name__)
-_DUP_BATCH = metrics.DUPLICATES.labels(stage="batch")
 _DUP_MEMORY = metrics.DUPLICATES.labels(stage="memory")
 _DUP_REDIS = metrics.DUPLICATES.labels(stage="redis")
+_STATE_SKIPPED = metrics.STATE_LOADS.labels(source="memory")
+_STATE_LOADED = metrics.STATE_LOADS.labels(source="redis")
 _DUP_DB = metrics.DUPLICATES.labels(stage="database")
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
-StepRunner = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+@dataclass(frozen=True, slots=True)
+class DbPart:
+    """One batch's share of a database write."""
+
+    generation: int
+    ticks: Sequence[Tick]
+    days: Sequence[int]
+    statuses: Sequence[str]
+    gaps: Sequence[Gap]
+
+    @property
+    def size(self) -> int:
+        return len(self.ticks)
 
 
-async def _once(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return await fn()
+DbWriter = Callable[[DbPart], Awaitable[WriteResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class RingPart:
+    """One batch's (or its late ticks') share of a ring append; ``modes`` as in nadi.ring."""
+
+    generation: int
+    ticks: Sequence[Tick]
+    days: Sequence[int]
+    statuses: Sequence[str]
+    modes: Sequence[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.ticks)
+
+
+RingWriterFn = Callable[[RingPart], Awaitable[list[str | None]]]
 
 
 class Stale(Exception):
     """Ownership changed while the batch was prepared: drop it (it will be redelivered)."""
+
+
+def seq_key(token: int, day: int, seq: int) -> int:
+    """(instrument, trading day, sequence) as one int: exact (token and sequence fit 64 bits,
+    the day 20), and unlike a tuple not tracked by the cyclic GC, which matters for the
+    hundreds of thousands of keys held in memory."""
+    return (((token << 20) | day) << 64) | seq
 
 
 class _Recent:
@@ -63,18 +101,12 @@ class _Recent:
 
     def __init__(self, size: int = 100_000) -> None:
         self.size = size
-        self.current: dict[tuple[int, int, int], Tick] = {}
-        self.previous: dict[tuple[int, int, int], Tick] = {}
+        self.current: dict[int, Tick] = {}  # keyed by seq_key()
+        self.previous: dict[int, Tick] = {}
 
-    def get(self, k: tuple[int, int, int]) -> Tick | None:
-        return self.current.get(k) or self.previous.get(k)
-
-    def put_many(self, ticks: Sequence[Tick], keys: Sequence[Key]) -> None:
-        cur = self.current
-        for t, k in zip(ticks, keys, strict=True):
-            cur[(k[0], k[1], t.sequence_id)] = t
-        if len(cur) > self.size:
-            self.previous, self.current = cur, {}
+    def rotate(self) -> None:
+        if len(self.current) > self.size:
+            self.previous, self.current = self.current, {}
 
     def clear(self) -> None:
         self.current, self.previous = {}, {}
@@ -153,7 +185,27 @@ class BatchProcessor:
         generation = self.generation
         report = BatchReport(received=len(ticks))
         unique, keys = self._dedup_in_memory(ticks, report)
-        persisted, redis_last = await self.state.load(keys, [t.sequence_id for t in unique])
+        try:
+            return await self._classify(generation, unique, keys, report)
+        except BaseException:
+            # The batch's sequences were remembered as taken; a retry must see them again.
+            self.recent.clear()
+            raise
+
+    async def _classify(
+        self, generation: int, unique: list[Tick], keys: list[Key], report: BatchReport
+    ) -> Prepared:
+        persisted: Sequence[bool]
+        redis_last: Mapping[Key, int | None]
+        if self._all_ahead(unique, keys):
+            # Steady state: every tick is past what this worker has already taken for its
+            # instrument-day since it got the partition, so none can be persisted yet (the
+            # database's unique key still has the final word): skip the Redis round trip.
+            persisted, redis_last = [False] * len(unique), {}
+            _STATE_SKIPPED.inc()
+        else:
+            persisted, redis_last = await self.state.load(keys, [t.sequence_id for t in unique])
+            _STATE_LOADED.inc()
         fresh: list[Tick] = []
         fresh_keys: list[Key] = []
         for t, key, done in zip(unique, keys, persisted, strict=True):
@@ -171,7 +223,6 @@ class BatchProcessor:
             raise Stale
         cls = classify(fresh, last, fresh_keys)
         # From here on, synchronously: later batches see this one as if it were written.
-        self.recent.put_many(fresh, fresh_keys)
         self.last.update(cls.last)
         if len(self.last) > 200_000:  # old trading days pile up in a long-lived worker
             self.last.clear()
@@ -186,27 +237,31 @@ class BatchProcessor:
         self,
         p: Prepared,
         *,
-        db_step: StepRunner | None = None,
-        ring_step: StepRunner | None = None,
+        db_write: DbWriter | None = None,
+        ring_write: RingWriterFn | None = None,
     ) -> BatchReport:
-        """Make a prepared batch durable in TimescaleDB and the ring (concurrently), then
-        advance the Redis state. ``db_step``/``ring_step`` let the worker order each sink's
-        writes across batches and retry them; by default each runs once.
+        """Make a prepared batch durable in TimescaleDB and the ring (concurrently). The
+        worker passes its group commits as ``db_write`` and ``ring_write`` (they keep batch
+        order, merge queued batches and retry); by default each part is written on its own.
 
         LATE ticks (behind the last sequence, from a reorder across batches or a redelivery
         after state was lost) go to the ring after the database has settled them: only then
         is it known whether each is new and with which status."""
         days = [k[1] for k in p.keys]
         late = [i for i, s in enumerate(p.statuses) if s == LATE]
+        part = DbPart(p.generation, p.fresh, days, p.statuses, p.gaps)
+        db = db_write or self._write_one
+        ring = ring_write or self._append_one
         results: Sequence[object]
         if not late:
+            modes = [IN_ORDER if s in IN_ORDER_STATUSES else NEW_LATE for s in p.statuses]
             results = await asyncio.gather(
-                (db_step or _once)(lambda: self._write_db(p.fresh, days, p.statuses, p.gaps)),
-                (ring_step or _once)(lambda: self.ring.append(p.fresh, days, p.statuses)),
+                db(part),
+                ring(RingPart(p.generation, p.fresh, days, p.statuses, modes)),
                 return_exceptions=True,  # both finish before we look: no orphaned task
             )
         else:
-            results = await self._write_with_late(p, days, late, db_step, ring_step)
+            results = await self._write_with_late(p, part, late, db, ring)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -219,42 +274,63 @@ class BatchProcessor:
     async def _write_with_late(
         self,
         p: Prepared,
-        days: list[int],
+        part: DbPart,
         late: list[int],
-        db_step: StepRunner | None,
-        ring_step: StepRunner | None,
+        db_write: DbWriter,
+        ring_write: RingWriterFn,
     ) -> Sequence[object]:
         now = [i for i, s in enumerate(p.statuses) if s != LATE]
+        days = part.days
         settled: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-
-        async def db() -> WriteResult:
-            w = await self._write_db(p.fresh, days, p.statuses, p.gaps)
-            if not settled.done():
-                settled.set_result(w)
-            return w
 
         async def db_all() -> WriteResult:
             try:
-                w: WriteResult = await (db_step or _once)(db)
+                w = await db_write(part)
             except BaseException:
                 if not settled.done():
                     settled.set_exception(Stale())  # the ring's late part gives up with it
                 raise
+            settled.set_result(w)
             return w
 
         async def ring() -> list[str | None]:
-            offsets = await self.ring.append(
-                [p.fresh[i] for i in now], [days[i] for i in now], [p.statuses[i] for i in now]
-            )
+            statuses = [p.statuses[i] for i in now]
+            modes = [IN_ORDER if s in IN_ORDER_STATUSES else NEW_LATE for s in statuses]
+            offsets = await ring_write(
+                RingPart(p.generation, [p.fresh[i] for i in now], [days[i] for i in now],
+                         statuses, modes)
+            )  # fmt: skip
             outcomes = (await asyncio.shield(settled)).late
-            return offsets + await self.ring.append(
-                [p.fresh[i] for i in late],
-                [days[i] for i in late],
-                [o.status for o in outcomes],
-                [NEW_LATE if o.stored_now else STORED_LATE for o in outcomes],
+            return offsets + await ring_write(
+                RingPart(
+                    p.generation,
+                    [p.fresh[i] for i in late],
+                    [days[i] for i in late],
+                    [o.status for o in outcomes],
+                    [NEW_LATE if o.stored_now else STORED_LATE for o in outcomes],
+                )
             )
 
-        return await asyncio.gather(db_all(), (ring_step or _once)(ring), return_exceptions=True)
+        return await asyncio.gather(db_all(), ring(), return_exceptions=True)
+
+    async def _append_one(self, part: RingPart) -> list[str | None]:
+        return (await self.append_ring([part]))[0]
+
+    async def append_ring(self, parts: Sequence[RingPart]) -> list[list[str | None]]:
+        """Append the parts of several batches to the ring in one call, in order; returns
+        each part's ring offsets (None where a tick was already in the ring)."""
+        offsets = await self.ring.append(
+            [t for q in parts for t in q.ticks],
+            [d for q in parts for d in q.days],
+            [s for q in parts for s in q.statuses],
+            [m for q in parts for m in q.modes],
+        )
+        out: list[list[str | None]] = []
+        at = 0
+        for q in parts:
+            out.append(offsets[at : at + len(q.ticks)])
+            at += len(q.ticks)
+        return out
 
     async def commit_state(self, p: Prepared) -> None:
         """After both sinks: mark the sequences persisted and advance the sequence state
@@ -265,49 +341,50 @@ class BatchProcessor:
         await self.state.commit(by_key, p.last)
         self._observe(p.report, p.fresh)
 
+    def _all_ahead(self, ticks: Sequence[Tick], keys: Sequence[Key]) -> bool:
+        last = self.last
+        for t, k in zip(ticks, keys, strict=True):
+            q = last.get(k)
+            if q is None or t.sequence_id <= q:
+                return False
+        return True
+
     def _dedup_in_memory(
         self, ticks: Sequence[Tick], report: BatchReport
     ) -> tuple[list[Tick], list[Key]]:
-        first: dict[tuple[int, int, int], Tick] = {}
+        """Drop packets this worker has seen lately (this batch included) and remember the
+        rest at once: a later batch is prepared only after this one, so it sees them."""
         unique: list[Tick] = []
         keys: list[Key] = []
-        cur, prev = self.recent.current, self.recent.previous
-        dup_batch = dup_memory = 0
+        recent = self.recent
+        cur, prev = recent.current, recent.previous
+        dups = 0
         for t in ticks:
             day = (t.exchange_ts_ns // NS + IST_OFFSET_S) // 86_400  # trading_day_ordinal, inlined
-            k = (t.instrument_token, day, t.sequence_id)
-            seen = first.get(k) or cur.get(k) or prev.get(k)
+            k = (((t.instrument_token << 20) | day) << 64) | t.sequence_id  # seq_key, inlined
+            seen = cur.get(k) or prev.get(k)
             if seen is not None:
-                if k in first:
-                    dup_batch += 1
-                else:
-                    dup_memory += 1
+                dups += 1
                 if seen.payload_fingerprint() != t.payload_fingerprint():
-                    self._conflict(k, seen.feed, t.feed, report)
+                    self._conflict(t, seen.feed, report)
                 continue
-            first[k] = t
+            cur[k] = t
             unique.append(t)
             keys.append((t.instrument_token, day))
-        report.duplicates += dup_batch + dup_memory
-        _DUP_BATCH.inc(dup_batch)
-        _DUP_MEMORY.inc(dup_memory)
+        recent.rotate()
+        report.duplicates += dups
+        _DUP_MEMORY.inc(dups)
         return unique, keys
 
-    def _conflict(
-        self,
-        k: tuple[int, int, int],
-        kept_feed: str | None,
-        other_feed: str | None,
-        report: BatchReport,
-    ) -> None:
+    def _conflict(self, dropped: Tick, kept_feed: str | None, report: BatchReport) -> None:
         report.conflicts += 1
         metrics.CONFLICTS.inc()
         log.warning(
             "sequence conflict: kept the first payload",
-            instrument_token=k[0],
-            sequence_id=k[2],
+            instrument_token=dropped.instrument_token,
+            sequence_id=dropped.sequence_id,
             kept_feed=kept_feed,
-            other_feed=other_feed,
+            other_feed=dropped.feed,
         )
 
     async def _fill_unknown_state(self, last: dict[Key, int | None]) -> None:
@@ -328,6 +405,35 @@ class BatchProcessor:
         )
         for token, day, max_seq in rows:
             last[(token, day.toordinal() - _EPOCH_ORDINAL)] = max_seq
+
+    async def _write_one(self, part: DbPart) -> WriteResult:
+        return (await self.write_db([part]))[0]
+
+    async def write_db(self, parts: Sequence[DbPart]) -> list[WriteResult]:
+        """Write the parts of several batches in one transaction, in order (they were
+        classified in that order, so together they are one valid batch). A merged write's
+        counts are reported on its last part; LATE outcomes go back to their own part."""
+        metrics.DB_TRANSACTIONS.inc()
+        if len(parts) == 1:
+            q = parts[0]
+            return [await self._write_db(q.ticks, q.days, q.statuses, q.gaps)]
+        w = await self._write_db(
+            [t for q in parts for t in q.ticks],
+            [d for q in parts for d in q.days],
+            [s for q in parts for s in q.statuses],
+            [g for q in parts for g in q.gaps],
+        )
+        out: list[WriteResult] = []
+        at = 0
+        for i, q in enumerate(parts):
+            n = sum(1 for s in q.statuses if s == LATE)
+            mine = w.late[at : at + n]
+            at += n
+            last = i == len(parts) - 1
+            out.append(
+                dataclasses.replace(w, late=mine) if last else WriteResult(0, 0, 0, 0, 0, 0, mine)
+            )
+        return out
 
     async def _write_db(
         self,

@@ -13,11 +13,12 @@ import asyncio
 import collections
 import contextlib
 import functools
+import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -29,13 +30,23 @@ from tenacity import wait_exponential_jitter
 from nadi import metrics
 from nadi.codec import Rejected
 from nadi.db.pool import create_pool
-from nadi.db.tick_writer import init_connection
+from nadi.db.tick_writer import WriteResult, init_connection
 from nadi.logs import get_logger
 from nadi.settings import Settings
-from streaming.processor.batch import BatchProcessor, Prepared, Record, Stale, StepRunner
+from streaming.processor.batch import (
+    BatchProcessor,
+    DbPart,
+    Prepared,
+    Record,
+    RingPart,
+    Stale,
+)
+from streaming.processor.group_commit import GroupCommit, Part
 
 log = get_logger(__name__)
 T = TypeVar("T")
+P = TypeVar("P", bound=Part)
+R = TypeVar("R")
 
 
 class _Abandoned(Exception):
@@ -78,7 +89,7 @@ class MarketDataProcessor:
         *,
         topic: str | None = None,
         revoke_wait_s: float = 20.0,
-        max_in_flight: int = 8,
+        max_in_flight: int = 256,
     ) -> None:
         self.s = settings
         self.topic = topic or settings.topic_ticks
@@ -90,11 +101,16 @@ class MarketDataProcessor:
         self.assigned: set[TopicPartition] = set()
         # Batches being written, oldest first; each sink writes them in this order.
         self.in_flight: collections.deque[_Flight] = collections.deque()
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight  # batches; small ones are cheap to hold
+        # Records held beyond what is committed: bounds memory however the batches come.
+        self.max_in_flight_records = 8 * settings.batch_max_records
+        self._in_flight_records = 0
         self._committable: dict[TopicPartition, int] = {}
         self._committable_records = 0
         self._commit_lock = asyncio.Lock()
         self.processor: BatchProcessor | None = None
+        self._db: GroupCommit[DbPart, WriteResult] | None = None
+        self._ring: GroupCommit[RingPart, list[str | None]] | None = None
         self._paused = 0
 
     async def run(self) -> None:
@@ -124,6 +140,20 @@ class MarketDataProcessor:
                 s, pool, redis_client, producer, mark_dirty=mode == "rollup"
             )
             self.processor.known_tokens = await self._known_tokens(pool)
+            processor = self.processor
+
+            async def write_many(parts: Sequence[DbPart]) -> list[WriteResult]:
+                return await self._retrying(
+                    consumer, "db", functools.partial(processor.write_db, parts)
+                )
+
+            async def append_many(parts: Sequence[RingPart]) -> list[list[str | None]]:
+                return await self._retrying(
+                    consumer, "ring", functools.partial(processor.append_ring, parts)
+                )
+
+            self._db = GroupCommit(write_many, max_size=4 * s.batch_max_records)
+            self._ring = GroupCommit(append_many, max_size=4 * s.batch_max_records)
             consumer.subscribe([self.topic], listener=_Rebalance(self))
             await consumer.start()
             log.info("processor started", topic=self.topic, group=s.group_id, candles=mode)
@@ -132,6 +162,8 @@ class MarketDataProcessor:
             finally:
                 if self.in_flight:  # drain: finish and commit
                     await asyncio.wait([f.task for f in self.in_flight])
+                await self._db.aclose()
+                await self._ring.aclose()
                 await consumer.stop()  # leaves the group; nothing uncommitted is claimed
         finally:
             await producer.stop()
@@ -169,19 +201,24 @@ class MarketDataProcessor:
                 except (_Abandoned, Stale):
                     prepared = None
             while self.in_flight and self.in_flight[0].task.done():
-                self.in_flight.popleft()
+                self._in_flight_records -= self.in_flight.popleft().records
             if prepared is not None and prepared.generation == processor.generation:
                 prev = self.in_flight[-1] if self.in_flight else None
-                flight = _Flight.new()
+                flight = _Flight.new(len(records))
                 flight.task = asyncio.create_task(
                     self._write_and_commit(
                         consumer, processor, prepared, rejects, batch, t0, prev, flight
                     )
                 )
                 self.in_flight.append(flight)
-            if len(self.in_flight) >= self.max_in_flight:
-                # Backpressure: no more than max_in_flight batches beyond what is committed.
+                self._in_flight_records += flight.records
+            while self.in_flight and (
+                len(self.in_flight) >= self.max_in_flight
+                or self._in_flight_records >= self.max_in_flight_records
+            ):
+                # Backpressure: bounded batches and records beyond what is committed.
                 await asyncio.wait({self.in_flight[0].task})
+                self._in_flight_records -= self.in_flight.popleft().records
             if time.monotonic() - last_refresh > 60:
                 last_refresh = time.monotonic()
                 with contextlib.suppress(Exception):
@@ -198,25 +235,10 @@ class MarketDataProcessor:
         prev: _Flight | None,
         me: _Flight,
     ) -> None:
-        """One batch: dead letters, then TimescaleDB and the ring together, each after the
-        previous batch's write to the same sink; the offsets after the previous commit. A
-        batch whose predecessor was abandoned is abandoned too (its records come again)."""
-
-        def ordered(
-            sink: str, after: asyncio.Future[None] | None, done: asyncio.Future[None]
-        ) -> StepRunner:
-            async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-                try:
-                    if after is not None:
-                        await asyncio.shield(after)
-                    result = await self._retrying(consumer, sink, fn)
-                except BaseException as e:
-                    _settle(done, _Abandoned() if not isinstance(e, _Abandoned) else e)
-                    raise
-                _settle(done, None)
-                return result
-
-            return run
+        """One batch: dead letters, then TimescaleDB and the ring together, each queued for
+        its sink's group commit after the previous batch; the offsets after the previous
+        commit. A batch whose predecessor was abandoned is abandoned too (its records come
+        again)."""
 
         try:
             try:
@@ -229,8 +251,10 @@ class MarketDataProcessor:
                 raise _Abandoned from e
             await processor.write(
                 prepared,
-                db_step=ordered("db", prev.db if prev else None, me.db),
-                ring_step=ordered("ring", prev.ring if prev else None, me.ring),
+                db_write=functools.partial(self._queue, self._db, prev.db if prev else None, me.db),
+                ring_write=functools.partial(
+                    self._queue, self._ring, prev.ring if prev else None, me.ring
+                ),
             )
             await self._retrying(
                 consumer, "redis", functools.partial(processor.commit_state, prepared)
@@ -253,6 +277,26 @@ class MarketDataProcessor:
         metrics.BATCH_SIZE.observe(n)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         self._observe_lag(consumer, batch)
+
+    async def _queue(
+        self,
+        group: GroupCommit[P, R] | None,
+        after: asyncio.Future[None] | None,
+        queued: asyncio.Future[None],
+        part: P,
+    ) -> R:
+        """Hand a batch's part to a sink's group commit, after its predecessor's (batch
+        order); ``queued`` tells the successor it may follow."""
+        assert group is not None
+        try:
+            if after is not None:
+                await asyncio.shield(after)  # raises if the predecessor was given up
+            fut = group.submit(part)
+        except BaseException as e:
+            _settle(queued, _Abandoned())
+            raise e if isinstance(e, _Abandoned) else _Abandoned() from e
+        _settle(queued, None)
+        return await fut
 
     async def _retrying(
         self, consumer: AIOKafkaConsumer, sink: str, fn: Callable[[], Awaitable[T]]
@@ -338,20 +382,22 @@ class MarketDataProcessor:
 
 @dataclass
 class _Flight:
-    """A batch being written: when its database write, ring write and Redis state update are
-    done (successors wait on these to keep each in batch order), and the task that ends with
-    its offset commit."""
+    """A batch being written: when it joined the group commit's queue, when its ring write and
+    Redis state update are done (successors wait on these to keep each in batch order), and
+    the task that ends with its offset commit."""
 
-    db: asyncio.Future[None]
-    ring: asyncio.Future[None]
+    db: asyncio.Future[None]  # queued for the database
+    ring: asyncio.Future[None]  # queued for the ring
     state: asyncio.Future[None]
     ready: asyncio.Future[None]  # its offsets joined the committable set
+    records: int  # Kafka records in the batch
     task: asyncio.Task[None] = field(init=False)
 
     @classmethod
-    def new(cls) -> _Flight:
+    def new(cls, records: int) -> _Flight:
         loop = asyncio.get_running_loop()
-        f = cls(*(loop.create_future() for _ in range(4)))
+        db, ring, state, ready = (loop.create_future() for _ in range(4))
+        f = cls(db, ring, state, ready, records)
         for fut in (f.db, f.ring, f.state, f.ready):
             fut.add_done_callback(_retrieve)  # a failure is read by successors, if any
         return f
@@ -379,6 +425,10 @@ class _RetryState:
 
 
 async def run_worker(settings: Settings) -> None:
+    # Everything imported so far lives for the process: keep it out of every collection, and
+    # collect the young generation less often (batches allocate in bursts of thousands).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     worker = MarketDataProcessor(settings)

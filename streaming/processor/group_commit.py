@@ -1,0 +1,104 @@
+"""Group commit for the processor's database writes.
+
+Each transaction costs round trips and a WAL flush whatever its size. At low rates the worker
+takes small batches off Kafka every millisecond or two, so writing each on its own would queue
+them behind each other (and the in-flight window would then hold back the ring, i.e. the live
+path). Here writes run one at a time in submission order, and every batch that queued up while
+one ran goes into the next transaction together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+
+class Part(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+P = TypeVar("P", bound=Part)
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[P, R]):
+    """Serialises ``write_many`` calls and coalesces what waits between them.
+
+    ``write_many(parts)`` returns one result per part; it retries by itself and raises only when
+    the parts must be given up (the worker stopping, partitions revoked). Then every queued part
+    of that generation or older fails too, and so does any submitted later: they were prepared
+    assuming the failed ones would land. Parts of a newer generation (after the processor's
+    reset) are written again.
+    """
+
+    def __init__(
+        self, write_many: Callable[[Sequence[P]], Awaitable[Sequence[R]]], *, max_size: int
+    ) -> None:
+        self._write_many = write_many
+        self._max_size = max_size  # ticks per transaction; a single larger part still goes
+        self._queue: list[tuple[P, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._failed: tuple[int, BaseException] | None = None
+        self.transactions = 0
+
+    def submit(self, part: P) -> asyncio.Future[R]:
+        """Queue a part; the future resolves when it is durable."""
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        if self._failed is not None and part.generation <= self._failed[0]:
+            fut.set_exception(self._failed[1])
+            return fut
+        self._queue.append((part, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return fut
+
+    async def aclose(self) -> None:
+        """Cancel a write in progress (its parts fail with CancelledError)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.cancel()
+        self._queue.clear()
+
+    def _take(self) -> list[tuple[P, asyncio.Future[R]]]:
+        n, size = 0, 0
+        for part, _ in self._queue:
+            if n and size + part.size > self._max_size:
+                break
+            n += 1
+            size += part.size
+        group, self._queue = self._queue[:n], self._queue[n:]
+        return group
+
+    async def _drain(self) -> None:
+        while self._queue:
+            group = self._take()
+            try:
+                results = await self._write_many([p for p, _ in group])
+            except BaseException as e:
+                generation = max(p.generation for p, _ in group)
+                self._failed = (generation, e)
+                rest = [(p, f) for p, f in self._queue if p.generation > generation]
+                failed = group + [(p, f) for p, f in self._queue if p.generation <= generation]
+                self._queue = rest
+                for _, fut in failed:
+                    if fut.done():
+                        continue
+                    if isinstance(e, asyncio.CancelledError):
+                        fut.cancel()
+                    else:
+                        fut.set_exception(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            self.transactions += 1
+            for (_, fut), r in zip(group, results, strict=True):
+                if not fut.done():
+                    fut.set_result(r)
