@@ -10,6 +10,7 @@ one ran goes into the next transaction together.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -45,6 +46,7 @@ class GroupCommit(Generic[P, R]):
         self._task: asyncio.Task[None] | None = None
         self._failed: tuple[int, BaseException] | None = None
         self.transactions = 0
+        self.busy_s = 0.0  # wall time with a write in progress
 
     def submit(self, part: P) -> asyncio.Future[R]:
         """Queue a part; the future resolves when it is durable."""
@@ -80,9 +82,11 @@ class GroupCommit(Generic[P, R]):
     async def _drain(self) -> None:
         while self._queue:
             group = self._take()
+            t0 = time.perf_counter()
             try:
                 results = await self._write_many([p for p, _ in group])
             except BaseException as e:
+                self.busy_s += time.perf_counter() - t0
                 generation = max(p.generation for p, _ in group)
                 self._failed = (generation, e)
                 rest = [(p, f) for p, f in self._queue if p.generation > generation]
@@ -98,6 +102,7 @@ class GroupCommit(Generic[P, R]):
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 continue
+            self.busy_s += time.perf_counter() - t0
             self.transactions += 1
             for (_, fut), r in zip(group, results, strict=True):
                 if not fut.done():

@@ -105,6 +105,8 @@ class MarketDataProcessor:
         # Records held beyond what is committed: bounds memory however the batches come.
         self.max_in_flight_records = 8 * settings.batch_max_records
         self._in_flight_records = 0
+        # Seconds the main loop waited, by cause: where a throughput shortfall comes from.
+        self.waited = {"fetch": 0.0, "backpressure": 0.0}
         self._committable: dict[TopicPartition, int] = {}
         self._committable_records = 0
         self._commit_lock = asyncio.Lock()
@@ -169,7 +171,18 @@ class MarketDataProcessor:
             await producer.stop()
             await redis_client.aclose()
             await pool.close()
-            log.info("processor stopped", batches=self.batches, records=self.committed_records)
+            log.info(
+                "processor stopped",
+                batches=self.batches,
+                records=self.committed_records,
+                db_transactions=self._db.transactions if self._db else 0,
+                ring_appends=self._ring.transactions if self._ring else 0,
+                waited_s={k: round(v, 2) for k, v in self.waited.items()},
+                busy_s={
+                    "db": round(self._db.busy_s, 2) if self._db else 0,
+                    "ring": round(self._ring.busy_s, 2) if self._ring else 0,
+                },
+            )
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -184,9 +197,11 @@ class MarketDataProcessor:
     ) -> None:
         last_refresh = time.monotonic()
         while not self.stop_event.is_set():
+            w0 = time.perf_counter()
             batch: dict[TopicPartition, list[Record]] = await consumer.getmany(
                 timeout_ms=100, max_records=self.s.batch_max_records
             )
+            self.waited["fetch"] += time.perf_counter() - w0
             prepared = None
             rejects: list[tuple[Record, Rejected]] = []
             t0 = time.perf_counter()
@@ -217,7 +232,9 @@ class MarketDataProcessor:
                 or self._in_flight_records >= self.max_in_flight_records
             ):
                 # Backpressure: bounded batches and records beyond what is committed.
+                w0 = time.perf_counter()
                 await asyncio.wait({self.in_flight[0].task})
+                self.waited["backpressure"] += time.perf_counter() - w0
                 self._in_flight_records -= self.in_flight.popleft().records
             if time.monotonic() - last_refresh > 60:
                 last_refresh = time.monotonic()
