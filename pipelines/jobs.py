@@ -19,9 +19,15 @@ from dagster._core.definitions.unresolved_asset_job_definition import (
     UnresolvedAssetJobDefinition,
 )
 
+from nadi.ring import RingWriter
 from pipelines.assets.candles import refresh_day
 from pipelines.assets.quality import GapRepairConfig, gap_repair_metadata, repair_gaps
-from pipelines.resources import RecoverySourceResource, TimescaleResource, run_async
+from pipelines.resources import (
+    RecoverySourceResource,
+    RedisResource,
+    TimescaleResource,
+    run_async,
+)
 
 CANDLES = AssetSelection.assets("candles_1m", "candles_5m")
 
@@ -66,6 +72,7 @@ def repair_gaps_off_calendar(
     config: GapRepairConfig,
     timescale: TimescaleResource,
     recovery: RecoverySourceResource,
+    redis: RedisResource,
 ) -> None:
     """Repair gaps by id whatever their day, then refresh the touched days' candles.
 
@@ -75,7 +82,9 @@ def repair_gaps_off_calendar(
     t0 = time.perf_counter()
 
     async def go() -> list[date]:
-        outcomes = await repair_gaps(timescale, recovery, None, config.gap_ids)
+        async with redis.client() as client:
+            ring = RingWriter(client, maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s)
+            outcomes = await repair_gaps(timescale, recovery, None, config.gap_ids, ring)
         days = sorted(await _days_of(timescale, [o.gap_id for o in outcomes]))
         async with timescale.connect() as conn:
             for d in days:

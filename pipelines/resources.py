@@ -83,6 +83,8 @@ class RedisResource(_Resource):
     """The Redis holding the processor's per-instrument rings and sequence state."""
 
     url: str
+    ring_maxlen: int = 10_000  # entries per instrument ring (NADI_RING_MAXLEN)
+    ttl_s: int = 2 * 86_400  # of the ring's bookkeeping keys (NADI_DEDUP_TTL_S)
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[aioredis.Redis]:
@@ -167,7 +169,9 @@ def resources_from_settings(settings: Settings) -> dict[str, _Resource]:
     """The resource set of the code location, keyed as the assets ask for them."""
     return {
         "timescale": TimescaleResource(dsn=settings.pg_dsn),
-        "redis": RedisResource(url=settings.redis_url),
+        "redis": RedisResource(
+            url=settings.redis_url, ring_maxlen=settings.ring_maxlen, ttl_s=settings.dedup_ttl_s
+        ),
         "kafka": KafkaResource(
             bootstrap=settings.kafka_bootstrap,
             replay_topic=settings.topic_replay,

@@ -4,7 +4,9 @@ against the exchange's bhavcopy.
 Repaired ticks go through the processor's own write path (``nadi_ingest_staged`` with status
 ``LATE``), so a repair is exactly a very late arrival: inserted once as ``RECOVERED`` (ON CONFLICT
 DO NOTHING), credited to its gap, the gap closed when whole, and the candle windows marked dirty
-for the refresh that follows in the same run.
+for the refresh that follows in the same run. Like a late arrival, a repaired tick of the
+current trading day also goes to its instrument's ring and the live stream, so open screens
+see the hole filled.
 """
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
@@ -34,14 +36,21 @@ from dagster import (
 )
 from pydantic import Field
 
-from nadi.calendar import IST
+from nadi.calendar import IST, today_ist
 from nadi.db.tick_writer import write_batch
 from nadi.instruments import round_to_tick
+from nadi.ring import NEW_LATE, RingWriter
 from nadi.tick import NS
 from pipelines.assets.storage import ticks
 from pipelines.checks import EOD_CHECK, GAPS_CHECK, gaps_check_result
 from pipelines.partitions import day_bounds, key_to_day, trading_days
-from pipelines.resources import RecoverySourceResource, TimescaleResource, candle_mode, run_async
+from pipelines.resources import (
+    RecoverySourceResource,
+    RedisResource,
+    TimescaleResource,
+    candle_mode,
+    run_async,
+)
 
 GROUP = "quality"
 _GAP_LOCK_CLASS = 0x4E47  # "NG": advisory-lock namespace of gap repairs
@@ -68,6 +77,7 @@ class GapOutcome:
     status: str  # repaired | open | unrecoverable | skipped
     fetched: int = 0
     inserted: int = 0
+    pushed_live: int = 0  # inserted ticks appended to the ring and live stream
     attempts: int = 0
     reason: str | None = None
 
@@ -89,6 +99,7 @@ async def _repair_one(
     g: asyncpg.Record,
     *,
     mark_dirty: bool,
+    ring: RingWriter | None,
 ) -> GapOutcome:
     gap_id, token, day = int(g["id"]), int(g["instrument_token"]), g["trading_day"]
     lo, hi = int(g["from_seq"]), int(g["to_seq"])
@@ -140,6 +151,15 @@ async def _repair_one(
                 mark_dirty=mark_dirty,
             )  # fmt: skip
             out.inserted = res.inserted
+            if ring is not None and day == today_ist():
+                new = [(t, o.status) for t, o in zip(good, res.late, strict=True) if o.stored_now]
+                offsets = await ring.append(
+                    [t for t, _ in new],
+                    [t.trading_day_ordinal for t, _ in new],
+                    [st for _, st in new],
+                    [NEW_LATE] * len(new),
+                )
+                out.pushed_live = sum(1 for o in offsets if o)
     stored = int(
         await conn.fetchval(
             """SELECT count(DISTINCT sequence_id) FROM ticks
@@ -176,9 +196,14 @@ async def _repair_one(
 
 
 async def repair_gaps(
-    db: TimescaleResource, source: RecoverySourceResource, day: date | None, gap_ids: list[int]
+    db: TimescaleResource,
+    source: RecoverySourceResource,
+    day: date | None,
+    gap_ids: list[int],
+    ring: RingWriter | None = None,
 ) -> list[GapOutcome]:
-    """Repair the open gaps of ``day`` (all days when None), or just ``gap_ids``."""
+    """Repair the open gaps of ``day`` (all days when None), or just ``gap_ids``; with a
+    ``ring``, today's repaired ticks are pushed live too."""
     outcomes: list[GapOutcome] = []
     async with db.connect(staging=True) as conn:
         mark_dirty = await candle_mode(conn) == "rollup"
@@ -202,7 +227,9 @@ async def repair_gaps(
                 )  # fmt: skip
                 continue
             try:
-                outcomes.append(await _repair_one(conn, source, g, mark_dirty=mark_dirty))
+                outcomes.append(
+                    await _repair_one(conn, source, g, mark_dirty=mark_dirty, ring=ring)
+                )
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1, $2)", _GAP_LOCK_CLASS, key)
     return outcomes
@@ -232,6 +259,7 @@ def gap_repair_metadata(outcomes: list[GapOutcome], elapsed_ms: float) -> dict[s
         "gaps_skipped (locked)": MetadataValue.int(count["skipped"]),
         "ticks_fetched": MetadataValue.int(sum(o.fetched for o in outcomes)),
         "ticks_inserted": MetadataValue.int(sum(o.inserted for o in outcomes)),
+        "ticks_pushed_live": MetadataValue.int(sum(o.pushed_live for o in outcomes)),
         "elapsed_ms": MetadataValue.float(elapsed_ms),
         "gaps": MetadataValue.md(_outcomes_md(outcomes)),
     }
@@ -268,11 +296,18 @@ def gap_repair(
     config: GapRepairConfig,
     timescale: TimescaleResource,
     recovery: RecoverySourceResource,
+    redis: RedisResource,
 ) -> Iterator[MaterializeResult[Any] | AssetCheckResult]:
     t0 = time.perf_counter()
+
+    async def repair(day: date) -> list[GapOutcome]:
+        async with redis.client() as client:
+            ring = RingWriter(client, maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s)
+            return await repair_gaps(timescale, recovery, day, config.gap_ids, ring)
+
     outcomes: list[GapOutcome] = []
     for key in context.partition_keys:
-        outcomes += run_async(repair_gaps(timescale, recovery, key_to_day(key), config.gap_ids))
+        outcomes += run_async(repair(key_to_day(key)))
     elapsed = round((time.perf_counter() - t0) * 1000, 1)
     for o in outcomes:
         context.log.info(f"gap {o.gap_id}: {o.status} ({o.inserted} inserted) {o.reason or ''}")

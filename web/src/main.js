@@ -16,6 +16,7 @@ const state = {
   ws: null,
   ticks: 0,
   candles: new Map(), // bucket (IST-shifted seconds) -> candle
+  closeTs: new Map(), // bucket -> exchange_ts (ns) of the trade that set its close
   staleMarkers: [],
   gapMarkers: [],
   lastTick: null,
@@ -132,19 +133,31 @@ function onTick(t) {
   if (!c) {
     c = { time: b, open: t.last_price, high: t.last_price, low: t.last_price, close: t.last_price };
     state.candles.set(b, c);
+    state.closeTs.set(b, t.exchange_ts);
   } else {
     c.high = Math.max(c.high, t.last_price);
     c.low = Math.min(c.low, t.last_price);
-    c.close = t.last_price;
+    // A late (RECOVERED) tick changes the close only if it is the minute's latest trade.
+    if (t.exchange_ts >= (state.closeTs.get(b) ?? 0)) {
+      c.close = t.last_price;
+      state.closeTs.set(b, t.exchange_ts);
+    }
   }
   const last = series.data().at(-1);
   if (!last || last.time <= b) series.update({ ...c });
   else series.setData([...state.candles.values()].sort((x, y) => x.time - y.time)); // late tick
+  if (t.status === "RECOVERED") scheduleGapRefresh(); // a gap shrank or closed
   if (t.status === "STALE") {
     state.staleMarkers.push({ time: b, position: "aboveBar", color: "#f2b84b", shape: "arrowDown", text: `STALE #${t.sequence_id}` });
     if (state.staleMarkers.length > MAX_MARKERS) state.staleMarkers.shift();
     drawMarkers();
   }
+}
+
+let gapRefresh = null;
+function scheduleGapRefresh() {
+  if (gapRefresh) return;
+  gapRefresh = setTimeout(() => { gapRefresh = null; loadGaps(state.token); }, 500);
 }
 
 function onMessage(m) {
@@ -190,7 +203,7 @@ async function watch(token) {
   if (state.token && state.ws && state.ws.readyState === WebSocket.OPEN) {
     state.ws.send(JSON.stringify({ op: "unsubscribe", instruments: [state.token] }));
   }
-  Object.assign(state, { token, ticks: 0, lastTick: null, candles: new Map(), staleMarkers: [], gapMarkers: [], since: null });
+  Object.assign(state, { token, ticks: 0, lastTick: null, candles: new Map(), closeTs: new Map(), staleMarkers: [], gapMarkers: [], since: null });
   $("ticks").replaceChildren();
   $("count").textContent = "0";
   series.setData([]);
