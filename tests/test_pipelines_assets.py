@@ -112,6 +112,28 @@ def test_ticks_hypertable_applies_policies(market: Market) -> None:
     assert md["dirty_windows_left"] == 0
 
 
+def test_retention_drops_only_chunks_past_the_horizon(market: Market) -> None:
+    m = market
+    # Two ticks of a long-gone day (a chunk of their own), next to the simulated recent days.
+    q(m, """INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price, status)
+            SELECT 738561, now() - interval '400 days' + s * interval '1 second', s, 100, 'OK'
+            FROM generate_series(1, 2) s""")  # fmt: skip
+    recent = q(m, "SELECT count(*) FROM ticks WHERE exchange_ts > now() - interval '30 days'")
+    cfg = {"ops": {"ticks_hypertable": {"config": {"retention_days": 365}}}}
+    r = materialize(
+        [ticks_hypertable], instance=m.instance, resources=m.resources(), run_config=cfg
+    )
+    md = mat_metadata(r, "ticks_hypertable")
+    assert md["chunks_dropped"] == 1 and md["retention"].startswith("drop_chunks older than 365")
+    assert (
+        q(m, "SELECT count(*) FROM ticks WHERE exchange_ts < now() - interval '365 days'")[0][0]
+        == 0
+    )
+    assert (
+        q(m, "SELECT count(*) FROM ticks WHERE exchange_ts > now() - interval '30 days'") == recent
+    )
+
+
 def test_backfill_of_three_partitions_recomputes_candles(market: Market) -> None:
     m = market
     days = m.days[1:4]
