@@ -23,6 +23,7 @@ async def startup(app: FastAPI) -> None:
         app.state.redis,
         stall_timeout_s=settings.ws_stall_timeout_s,
         max_connections_per_key=settings.ws_max_connections_per_key,
+        queue_size=settings.ws_queue_size,
     )
     await hub.start()
     app.state.ws_hub = hub

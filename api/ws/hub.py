@@ -54,8 +54,13 @@ class Hub:
         *,
         stall_timeout_s: float,
         max_connections_per_key: int,
+        queue_size: int = 1000,
     ) -> None:
         self._redis = redis
+        # Dispatch yields to the writers after this many ticks, so a burst bigger than a
+        # connection's queue (a large processor batch, say) reaches a client that keeps up
+        # instead of being evicted from its queue before its writer could run.
+        self._yield_every = max(1, queue_size // 4)
         self._stall_timeout_s = stall_timeout_s
         self._max_per_key = max_connections_per_key
         self._index: dict[int, set[Subscription]] = {}
@@ -144,9 +149,9 @@ class Hub:
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode()
-                    self._dispatch(fields)
+                    await self._dispatch(fields)
 
-    def _dispatch(self, fields: dict[bytes, bytes]) -> None:
+    async def _dispatch(self, fields: dict[bytes, bytes]) -> None:
         self.batches += 1
         if not self._index:  # nobody subscribed: skip the decode
             return
@@ -156,6 +161,7 @@ class Hub:
             log.error("undecodable live batch skipped", error=str(exc))
             return
         index = self._index
+        since_yield = 0
         for e in batch:
             subs = index.get(e.t.instrument_token)
             if not subs:
@@ -164,6 +170,10 @@ class Hub:
             offset = parse_offset(e.o)
             for sub in subs:
                 sub.deliver(offset, message)
+            since_yield += 1
+            if since_yield >= self._yield_every:
+                since_yield = 0
+                await asyncio.sleep(0)  # (between ticks: ``subs`` is not being iterated)
 
     async def _watchdog(self) -> None:
         period = min(1.0, self._stall_timeout_s / 4)

@@ -155,7 +155,8 @@ class MarketDataProcessor:
                 )
 
             self._db = GroupCommit(write_many, max_size=4 * s.batch_max_records)
-            self._ring = GroupCommit(append_many, max_size=4 * s.batch_max_records)
+            # One live entry per ring write: kept to a batch's size for the API's readers.
+            self._ring = GroupCommit(append_many, max_size=s.batch_max_records)
             consumer.subscribe([self.topic], listener=_Rebalance(self))
             await consumer.start()
             log.info("processor started", topic=self.topic, group=s.group_id, candles=mode)
