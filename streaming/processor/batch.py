@@ -131,6 +131,10 @@ class Prepared:
     last: dict[Key, int]
     report: BatchReport = field(default_factory=BatchReport)
 
+    @property
+    def size(self) -> int:
+        return len(self.fresh)
+
 
 class BatchProcessor:
     """Owns the caches; the pool, Redis client and producer belong to the worker."""
@@ -333,13 +337,24 @@ class BatchProcessor:
         return out
 
     async def commit_state(self, p: Prepared) -> None:
-        """After both sinks: mark the sequences persisted and advance the sequence state
-        (both commutative, so batches may do this in any order)."""
+        """After both sinks: mark the sequences persisted and advance the sequence state."""
+        await self.commit_states([p])
+
+    async def commit_states(self, parts: Sequence[Prepared]) -> list[None]:
+        """:meth:`commit_state` of several batches in one Redis call (both updates are
+        commutative, so batches may be merged and land in any order)."""
         by_key: dict[Key, list[int]] = {}
-        for t, key in zip(p.fresh, p.keys, strict=True):
-            by_key.setdefault(key, []).append(t.sequence_id)
-        await self.state.commit(by_key, p.last)
-        self._observe(p.report, p.fresh)
+        last: dict[Key, int] = {}
+        for p in parts:
+            for t, key in zip(p.fresh, p.keys, strict=True):
+                by_key.setdefault(key, []).append(t.sequence_id)
+            for k, q in p.last.items():
+                if q > last.get(k, -1):
+                    last[k] = q
+        await self.state.commit(by_key, last)
+        for p in parts:
+            self._observe(p.report, p.fresh)
+        return [None] * len(parts)
 
     def _all_ahead(self, ticks: Sequence[Tick], keys: Sequence[Key]) -> bool:
         last = self.last

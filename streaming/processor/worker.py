@@ -113,6 +113,7 @@ class MarketDataProcessor:
         self.processor: BatchProcessor | None = None
         self._db: GroupCommit[DbPart, WriteResult] | None = None
         self._ring: GroupCommit[RingPart, list[str | None]] | None = None
+        self._state: GroupCommit[Prepared, None] | None = None
         self._paused = 0
 
     async def run(self) -> None:
@@ -155,6 +156,15 @@ class MarketDataProcessor:
                 )
 
             self._db = GroupCommit(write_many, max_size=4 * s.batch_max_records)
+
+            async def commit_states(parts: Sequence[Prepared]) -> list[None]:
+                return await self._retrying(
+                    consumer, "redis", functools.partial(processor.commit_states, parts)
+                )
+
+            # Redis state updates are merged too: with many small batches in flight, one
+            # connection each would exhaust the client's pool.
+            self._state = GroupCommit(commit_states, max_size=4 * s.batch_max_records)
             # One live entry per ring write: kept to a batch's size for the API's readers.
             self._ring = GroupCommit(append_many, max_size=s.batch_max_records)
             consumer.subscribe([self.topic], listener=_Rebalance(self))
@@ -167,6 +177,7 @@ class MarketDataProcessor:
                     await asyncio.wait([f.task for f in self.in_flight])
                 await self._db.aclose()
                 await self._ring.aclose()
+                await self._state.aclose()
                 await consumer.stop()  # leaves the group; nothing uncommitted is claimed
         finally:
             await producer.stop()
@@ -274,9 +285,8 @@ class MarketDataProcessor:
                     self._queue, self._ring, prev.ring if prev else None, me.ring
                 ),
             )
-            await self._retrying(
-                consumer, "redis", functools.partial(processor.commit_state, prepared)
-            )
+            assert self._state is not None
+            await self._state.submit(prepared)
             if prev is not None:
                 await asyncio.shield(prev.ready)  # offsets become committable in batch order
         except _Abandoned:
