@@ -157,7 +157,7 @@ def platform_components() -> list[Component]:
                 "--rate",
                 "1000",
                 "--gap-rate",
-                "0.0005",
+                "0.0001",  # a gap every ~10 s: each is one repair run (a process) to watch
                 "--reorder-rate",
                 "0.001",
                 "--bad-rate",
