@@ -80,8 +80,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class MarketDataProcessor:
-    """A worker of the consumer group. Owns its Kafka clients, pool, Redis client and the
-    single in-flight write task; ``stop()`` drains it and commits."""
+    """A worker of the consumer group. Owns its Kafka clients, pool, Redis client, the tasks of
+    the batches in flight and the group commits (database, ring, Redis state) they write
+    through; ``stop()`` drains them and commits."""
 
     def __init__(
         self,
@@ -275,7 +276,7 @@ class MarketDataProcessor:
                     consumer, "dlq", functools.partial(processor.publish_rejects, rejects)
                 )
             except BaseException as e:
-                for fut in (me.db, me.ring, me.state, me.ready):
+                for fut in (me.db, me.ring, me.ready):
                     _settle(fut, _Abandoned())
                 raise _Abandoned from e
             await processor.write(
@@ -290,8 +291,7 @@ class MarketDataProcessor:
             if prev is not None:
                 await asyncio.shield(prev.ready)  # offsets become committable in batch order
         except _Abandoned:
-            for fut in (me.state, me.ready):
-                _settle(fut, _Abandoned())
+            _settle(me.ready, _Abandoned())
             processor.reset()  # later prepared batches assumed this one would land
             return
         for tp, recs in batch.items():
@@ -410,13 +410,12 @@ class MarketDataProcessor:
 
 @dataclass
 class _Flight:
-    """A batch being written: when it joined the group commit's queue, when its ring write and
-    Redis state update are done (successors wait on these to keep each in batch order), and
+    """A batch being written: when it joined the database's and the ring's group commit
+    (successors queue after it, keeping batch order), when its offsets became committable, and
     the task that ends with its offset commit."""
 
     db: asyncio.Future[None]  # queued for the database
     ring: asyncio.Future[None]  # queued for the ring
-    state: asyncio.Future[None]
     ready: asyncio.Future[None]  # its offsets joined the committable set
     records: int  # Kafka records in the batch
     task: asyncio.Task[None] = field(init=False)
@@ -424,9 +423,9 @@ class _Flight:
     @classmethod
     def new(cls, records: int) -> _Flight:
         loop = asyncio.get_running_loop()
-        db, ring, state, ready = (loop.create_future() for _ in range(4))
-        f = cls(db, ring, state, ready, records)
-        for fut in (f.db, f.ring, f.state, f.ready):
+        db, ring, ready = (loop.create_future() for _ in range(3))
+        f = cls(db, ring, ready, records)
+        for fut in (f.db, f.ring, f.ready):
             fut.add_done_callback(_retrieve)  # a failure is read by successors, if any
         return f
 
