@@ -4,6 +4,7 @@ the recovery source is a small in-test implementation of the project's interface
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import date
 from typing import Any
@@ -12,6 +13,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from nadi.calendar import today_ist
 from nadi.db.tick_writer import init_connection, write_batch
 from nadi.redis_keys import LIVE_STREAM
 from nadi.ring import RingWriter, decode_live_entry
@@ -51,7 +53,10 @@ async def test_todays_repaired_ticks_go_live_and_older_ones_do_not(
     migrated: Settings, pg: asyncpg.Connection, redis_client: aioredis.Redis
 ) -> None:
     await reset_state(pg, migrated)
-    now = time.time_ns() - 60 * NS
+    now = time.time_ns() - NS
+    if date.fromordinal(_ordinal(now)) != today_ist():  # just past midnight IST: wait it out
+        await asyncio.sleep(2)
+        now = time.time_ns() - NS
     src = _Source(today_ns=now)
     today = date.fromordinal(_ordinal(now))
     yesterday = date.fromordinal(today.toordinal() - 1)
