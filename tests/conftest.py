@@ -32,9 +32,8 @@ os.environ.setdefault("NADI_METRICS_PORT", "0")
 
 from nadi.db.migrate import run_migrations
 from nadi.settings import Settings
-from tests.editions import APACHE, TIMESCALE, available_editions, edition_of, on_edition
+from tests.editions import APACHE, EDITIONS, TIMESCALE, edition_of, on_edition
 
-EDITIONS = available_editions(Settings())
 _MARKERS = {
     "both_editions": "run on each TimescaleDB edition (apache, and timescale when built)",
     "timescale_edition": "run on the Timescale-licensed edition only",

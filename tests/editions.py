@@ -50,3 +50,7 @@ def on_edition(settings: Settings, edition: str) -> Settings:
 def edition_of(settings: Settings) -> str:
     """Which edition's cluster ``settings.pg_dsn`` points at."""
     return TIMESCALE if settings.pg_port == settings.pg_tsl_port else APACHE
+
+
+# What this run can test: the Timescale edition only when its source is there.
+EDITIONS = available_editions(Settings())

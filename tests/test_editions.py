@@ -18,8 +18,7 @@ from infra.paths import Paths
 from infra.timescale_edition import cache_dir, ensure_built, source_sha256
 from infra.timescaledb import pg_major
 from nadi.settings import Settings
-from tests.conftest import EDITIONS
-from tests.editions import APACHE, TIMESCALE, edition_of, on_edition
+from tests.editions import APACHE, EDITIONS, TIMESCALE, edition_of, on_edition
 
 REPO = Path(__file__).resolve().parent.parent
 

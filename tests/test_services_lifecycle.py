@@ -20,8 +20,7 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.conftest import EDITIONS
-from tests.editions import TIMESCALE
+from tests.editions import EDITIONS, TIMESCALE
 
 TSL = TIMESCALE in EDITIONS
 TSL_DSN = "postgresql://postgres@127.0.0.1:25433/nadi"
