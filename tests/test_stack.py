@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from nadi.db.migrate import run_migrations, timescaledb_license
 from nadi.kafka_admin import ensure_topics, topic_specs
 from nadi.settings import Settings
+from tests.editions import EDITIONS, TIMESCALE
 
 
 async def test_postgres_has_timescaledb(pg: asyncpg.Connection) -> None:
@@ -138,7 +139,7 @@ async def test_duplicate_tick_is_absorbed(pg: asyncpg.Connection) -> None:
         await pg.execute(sql.replace(" ON CONFLICT DO NOTHING", ""), 999001, ts, 7, 101.5, 10, "B")
 
 
-def test_services_status_reports_all_running() -> None:
+def test_services_status_reports_all_running(migrated: Settings) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "nadi", "services", "status", "--json"],
         capture_output=True,
@@ -146,5 +147,10 @@ def test_services_status_reports_all_running() -> None:
         check=False,
     )
     rows = json.loads(out.stdout)
-    assert {r["service"] for r in rows} == {"postgresql", "redis", "kafka"}
+    tsl = TIMESCALE in EDITIONS  # make test starts the second cluster when it can be built
+    assert [r["service"] for r in rows] == ["postgresql", "redis", "kafka"] + (
+        ["postgresql-tsl"] if tsl else []
+    )
     assert all(r["running"] for r in rows), rows
+    licenses = [r["license"] for r in rows if r["service"].startswith("postgresql")]
+    assert licenses == ["apache"] + (["timescale"] if tsl else [])
