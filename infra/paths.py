@@ -25,6 +25,11 @@ class Paths:
         return self.home / "pg"
 
     @property
+    def pg_tsl(self) -> Path:
+        """The second cluster, with the Timescale-licensed TimescaleDB (issue 9)."""
+        return self.home / "pg-tsl"
+
+    @property
     def redis(self) -> Path:
         return self.home / "redis"
 

@@ -1,11 +1,13 @@
-"""The local PostgreSQL + TimescaleDB cluster under ``$NADI_HOME/pg``."""
+"""The local PostgreSQL + TimescaleDB clusters: ``$NADI_HOME/pg`` (Apache edition, the main one)
+and, with ``--timescale-edition``, ``$NADI_HOME/pg-tsl`` (Timescale license, issue 9)."""
 
 from __future__ import annotations
 
 import os
 import pwd
+from pathlib import Path
 
-from infra import timescaledb
+from infra import timescale_edition, timescaledb
 from infra.paths import Paths
 from infra.proc import ServiceError, apt_install, is_root, port_open, run, say
 from nadi.settings import Settings
@@ -36,19 +38,39 @@ TUNING = {
 
 
 class Postgres:
-    def __init__(self, settings: Settings, paths: Paths) -> None:
+    """One local cluster. ``edition="apache"`` is the main one (NADI_PG_DSN, Debian's PostgreSQL
+    with the Apache-edition TimescaleDB); ``edition="timescale"`` the second one on
+    NADI_PG_TSL_PORT, run from the private prefix of the TSL build (infra/timescale_edition.py).
+    Both have the same user, loopback-only listening, trust authentication and tuning."""
+
+    def __init__(self, settings: Settings, paths: Paths, edition: str = "apache") -> None:
+        if edition not in ("apache", "timescale"):
+            raise ValueError(f"unknown TimescaleDB edition {edition!r}")
         self.s = settings
         self.paths = paths
-        self.data = paths.pg / "data"
-        self.sock = paths.pg / "run"
-        self.log = paths.logs / "postgres.log"
+        self.edition = edition
+        tsl = edition == "timescale"
+        self.root = paths.pg_tsl if tsl else paths.pg
+        self.port = settings.pg_tsl_port if tsl else settings.pg_port
+        self.name = "postgresql-tsl" if tsl else "postgresql"
+        self.data = self.root / "data"
+        self.sock = self.root / "run"
+        self.log = paths.logs / ("postgres-tsl.log" if tsl else "postgres.log")
+        # The TSL cluster remembers which build it runs on, so `down` and `status` work even
+        # after NADI_TIMESCALE_SRC moved or vanished.
+        self._prefix_file = self.root / "prefix"
 
     @property
     def major(self) -> int:
         return timescaledb.pg_major()
 
+    def _bindir(self) -> Path:
+        if self.edition == "timescale" and self._prefix_file.exists():
+            return Path(self._prefix_file.read_text().strip())
+        return Path(f"/usr/lib/postgresql/{self.major}/bin")
+
     def _bin(self, name: str) -> str:
-        return f"/usr/lib/postgresql/{self.major}/bin/{name}"
+        return str(self._bindir() / name)
 
     def _as_owner(self, cmd: list[str]) -> list[str]:
         # PostgreSQL refuses to run as root: run its tools as the 'postgres' system user.
@@ -57,19 +79,22 @@ class Postgres:
     def install(self) -> None:
         if self.major == 0:
             apt_install("postgresql", "postgresql-contrib")
-        timescaledb.ensure(self.paths, self.major)
+        if self.edition == "apache":
+            timescaledb.ensure(self.paths, self.major)
+            return
+        build = timescale_edition.ensure_built(self.paths, self.s.timescale_src, self.major)
+        if is_root():
+            _traversable(build.prefix)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._prefix_file.write_text(f"{build.bindir}\n")
 
     def _prepare_dirs(self) -> None:
-        for d in (self.paths.pg, self.sock, self.paths.logs):
+        for d in (self.root, self.sock, self.paths.logs):
             d.mkdir(parents=True, exist_ok=True)
         if is_root():
             pw = pwd.getpwnam("postgres")
-            # The postgres user must reach the data dir: make the ancestors traversable.
-            for parent in reversed(self.paths.pg.parents):
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    os.chmod(parent, mode | 0o001)
-            for d in (self.paths.pg, self.sock):
+            _traversable(self.root)
+            for d in (self.root, self.sock):
                 os.chown(d, pw.pw_uid, pw.pw_gid)
             if not self.log.exists():
                 self.log.touch()
@@ -89,19 +114,27 @@ class Postgres:
         )  # fmt: skip
         self._write_conf()
 
-    def _write_conf(self) -> None:
+    def _write_conf(self) -> bool:
+        """Write conf.d/nadi.conf; True when its content changed."""
         conf = dict(TUNING)
         conf.update(
             {
                 "listen_addresses": f"'{self.s.pg_host}'",
-                "port": str(self.s.pg_port),
+                "port": str(self.port),
                 "unix_socket_directories": f"'{self.sock}'",
             }
         )
+        if self.edition == "timescale":
+            # The TSL build's default, made explicit: SHOW answers even in a database without
+            # the extension, and a wrong build fails at CREATE EXTENSION, not silently.
+            conf["timescaledb.license"] = "'timescale'"
         lines = [f"{k} = {v if v.startswith(chr(39)) else repr(v)}" for k, v in conf.items()]
         (self.data / "conf.d").mkdir(exist_ok=True)
         target = self.data / "conf.d" / "nadi.conf"
-        target.write_text("# written by `nadi services up`\n" + "\n".join(lines) + "\n")
+        text_new = "# written by `nadi services up`\n" + "\n".join(lines) + "\n"
+        changed = not target.exists() or target.read_text() != text_new
+        if changed:
+            target.write_text(text_new)
         main = self.data / "postgresql.conf"
         text = main.read_text()
         if "include_dir = 'conf.d'" not in text:
@@ -110,6 +143,7 @@ class Postgres:
             pw = pwd.getpwnam("postgres")
             for p in (target, target.parent):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
+        return changed
 
     def running(self) -> bool:
         out = run(
@@ -121,13 +155,17 @@ class Postgres:
         self.install()
         self.initdb()
         self._prepare_dirs()
-        self._write_conf()  # settings may have moved the port since initdb
-        if not self.running():
-            if port_open(self.s.pg_host, self.s.pg_port):
+        changed = self._write_conf()  # settings may have moved the port since initdb
+        if self.running():
+            if changed:  # reloadable settings take effect now; a new port needs a restart
+                run(self._as_owner([self._bin("pg_ctl"), "reload", "-D", str(self.data)]))
+        else:
+            if port_open(self.s.pg_host, self.port):
+                knob = "NADI_PG_TSL_PORT" if self.edition == "timescale" else "NADI_PG_DSN"
                 raise ServiceError(
-                    f"port {self.s.pg_port} is taken by another PostgreSQL; stop it or set NADI_PG_DSN"
+                    f"port {self.port} is taken by another PostgreSQL; stop it or set {knob}"
                 )
-            say(f"starting PostgreSQL {self.major} on {self.s.pg_host}:{self.s.pg_port}")
+            say(f"starting {self.name} {self.major} ({self.edition} edition) on {self.where}")
             run(
                 self._as_owner(
                     [self._bin("pg_ctl"), "start", "-D", str(self.data), "-l", str(self.log),
@@ -137,7 +175,7 @@ class Postgres:
         self._ensure_database()
 
     def _psql(self, sql: str, db: str = "postgres") -> str:
-        cmd = [self._bin("psql"), "-h", self.s.pg_host, "-p", str(self.s.pg_port),
+        cmd = [self._bin("psql"), "-h", self.s.pg_host, "-p", str(self.port),
                "-U", self.s.pg_user, "-d", db, "-tAX", "-v", "ON_ERROR_STOP=1", "-c", sql]  # fmt: skip
         return run(cmd).stdout.strip()
 
@@ -149,7 +187,7 @@ class Postgres:
 
     def stop(self) -> None:
         if (self.data / "PG_VERSION").exists() and self.running():
-            say("stopping PostgreSQL")
+            say(f"stopping {self.name}")
             run(
                 self._as_owner(
                     [self._bin("pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"]
@@ -160,13 +198,38 @@ class Postgres:
         run(self._as_owner([self._bin("pg_ctl"), "restart", "-D", str(self.data), "-m", "fast", "-w",
                             "-l", str(self.log)]))  # fmt: skip
 
+    @property
+    def where(self) -> str:
+        return f"{self.s.pg_host}:{self.port}"
+
+    def license(self) -> str | None:
+        """``timescaledb.license`` as the Nadi database sees it (None when nothing says: the
+        setting exists once the extension is loaded, or when the config names it)."""
+        for db in (self.s.pg_database, "postgres"):
+            try:
+                value = self._psql("SELECT current_setting('timescaledb.license', true)", db)
+            except ServiceError:
+                continue
+            if value:
+                return value
+        return None
+
     def status(self) -> dict[str, object]:
         up = (self.data / "PG_VERSION").exists() and self.running()
         return {
-            "service": "postgresql",
+            "service": self.name,
             "running": up,
-            "where": f"{self.s.pg_host}:{self.s.pg_port}",
+            "where": self.where,
             "version": f"PostgreSQL {self.major} + TimescaleDB",
+            "license": self.license() if up else None,
             "data": str(self.data),
             "log": str(self.log),
         }
+
+
+def _traversable(path: Path) -> None:
+    """Let the 'postgres' user reach ``path``: make every ancestor searchable (o+x, not o+r)."""
+    for parent in reversed(path.parents):
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)

@@ -51,13 +51,25 @@ def _fail(msg: str) -> None:
 
 
 @services_app.command("up")
-def services_up() -> None:
+def services_up(
+    timescale_edition: bool = typer.Option(
+        False,
+        "--timescale-edition",
+        help="also a second PostgreSQL with the Timescale-licensed TimescaleDB on "
+        "NADI_PG_TSL_PORT, built from NADI_TIMESCALE_SRC (cached under ~/.cache/nadi)",
+    ),
+    skip_missing_source: bool = typer.Option(
+        False,
+        "--skip-missing-source",
+        help="with --timescale-edition: a missing NADI_TIMESCALE_SRC is reported, not an error",
+    ),
+) -> None:
     """Install what is missing and start every local service (idempotent)."""
     from infra.proc import ServiceError
     from infra.services import LocalStack
 
     try:
-        LocalStack(get_settings()).up()
+        LocalStack(get_settings()).up(timescale_edition, skip_missing_source)
     except ServiceError as e:
         _fail(str(e))
 
@@ -82,8 +94,8 @@ def services_status(as_json: bool = typer.Option(False, "--json", help="machine-
         for r in rows:
             state = "running" if r["running"] else "stopped"
             skip = ("service", "running", "where")
-            extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
-            print(f"{r['service']:<11} {state:<8} {r['where']:<22} {extra}")
+            extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in skip and v is not None)
+            print(f"{r['service']:<14} {state:<8} {r['where']:<22} {extra}")
     if not all(r["running"] for r in rows):
         raise typer.Exit(3)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     kafka_heap: str = "1G"
     kafka_controller_port: int = Field(0, ge=0, le=65535, description="0: broker port + 1")
 
+    # The second cluster with the Timescale-licensed TimescaleDB (issue 9): same host, user and
+    # trust rules as NADI_PG_DSN, its own port; built from this source (tarball or unpacked
+    # tree). CI runs in a fresh clone with shared/ beside it, hence the default.
+    pg_tsl_port: int = Field(5433, ge=1, le=65535)
+    timescale_src: Path = _REPO_ROOT.parent / "shared" / "vendor" / "timescaledb-2.19.3.tar.gz"
+
     @field_validator("pg_dsn")
     @classmethod
     def _pg_dsn_is_postgres(cls, v: str) -> str:
@@ -133,6 +139,11 @@ class Settings(BaseSettings):
         return urlsplit(self.pg_dsn).path.lstrip("/") or "nadi"
 
     @property
+    def pg_tsl_dsn(self) -> str:
+        """NADI_PG_DSN moved to the Timescale-edition cluster (NADI_PG_TSL_PORT)."""
+        return on_port(self.pg_dsn, self.pg_tsl_port)
+
+    @property
     def redis_port(self) -> int:
         return urlsplit(self.redis_url).port or 6379
 
@@ -157,6 +168,14 @@ class Settings(BaseSettings):
         if not self.api_keys:
             return frozenset()
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+
+def on_port(dsn: str, port: int) -> str:
+    """``dsn`` with its port replaced (user, host, database and query kept)."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rpartition("@")
+    host = netloc[2].rsplit(":", 1)[0] if parts.port is not None else netloc[2]
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}{netloc[1]}{host}:{port}"))
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,15 @@
 """Shared fixtures. Integration tests use the real local services started by
-`nadi services up` (make test does that), in their own database, Redis db and topics, so a
-running `make up` platform is not disturbed. A missing service fails the test loudly."""
+`nadi services up --timescale-edition` (make test does that), in their own database, Redis db
+and topics, so a running `make up` platform is not disturbed. A missing service fails the test
+loudly.
+
+Both TimescaleDB editions (tests/editions.py): unmarked tests run on the Apache cluster of
+NADI_PG_DSN. A test marked ``both_editions``, or using ``edition_settings``/``edition_pg``,
+runs once per available edition, its ``migrated`` and ``pg`` (and every fixture built on them)
+on that edition's cluster; ``timescale_edition`` runs it on the Timescale edition only. Without
+the TimescaleDB source those Timescale-edition items are not collected (one header line says
+so), and under CI=true the run refuses to start.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +32,64 @@ os.environ.setdefault("NADI_METRICS_PORT", "0")
 
 from nadi.db.migrate import run_migrations
 from nadi.settings import Settings
+from tests.editions import APACHE, TIMESCALE, available_editions, edition_of, on_edition
+
+EDITIONS = available_editions(Settings())
+_MARKERS = {
+    "both_editions": "run on each TimescaleDB edition (apache, and timescale when built)",
+    "timescale_edition": "run on the Timescale-licensed edition only",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, doc in _MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+    if TIMESCALE not in EDITIONS and os.environ.get("CI") == "true":
+        raise pytest.UsageError(
+            f"CI=true but the TimescaleDB source {Settings().timescale_src} is missing "
+            "(NADI_TIMESCALE_SRC): the Timescale-edition tests cannot run"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    s = Settings()
+    if TIMESCALE in EDITIONS:
+        return f"editions: apache ({s.pg_port}), timescale ({s.pg_tsl_port})"
+    return (
+        f"editions: apache only; Timescale-edition tests not collected "
+        f"(no TimescaleDB source at {s.timescale_src}, NADI_TIMESCALE_SRC)"
+    )
+
+
+def _wanted_editions(metafunc: pytest.Metafunc) -> tuple[str, ...] | None:
+    if metafunc.definition.get_closest_marker("timescale_edition"):
+        return (TIMESCALE,)  # deselected below when the edition is not available
+    names = set(metafunc.fixturenames)
+    if metafunc.definition.get_closest_marker("both_editions") or names & {
+        "edition_settings",
+        "edition_pg",
+    }:
+        return EDITIONS
+    return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    editions = _wanted_editions(metafunc)
+    if editions is None or "migrated" not in metafunc.fixturenames:
+        return
+    # The Apache param is None, the cache key of an unparametrized `migrated` too: marked and
+    # unmarked tests then share one Apache database and the fixtures built on it.
+    params = [None if e == APACHE else e for e in editions]
+    metafunc.parametrize("migrated", params, indirect=True, scope="session", ids=list(editions))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TIMESCALE in EDITIONS:
+        return
+    keep = [i for i in items if not i.get_closest_marker("timescale_edition")]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 def _admin_dsn(s: Settings) -> str:
@@ -33,9 +100,8 @@ async def _recreate_database(s: Settings) -> None:
     try:
         conn = await asyncpg.connect(_admin_dsn(s), timeout=5)
     except (OSError, asyncpg.PostgresError) as e:
-        pytest.fail(
-            f"PostgreSQL at {s.pg_host}:{s.pg_port} is not reachable ({e}); run `nadi services up`"
-        )
+        cmd = "nadi services up" + (" --timescale-edition" if edition_of(s) == TIMESCALE else "")
+        pytest.fail(f"PostgreSQL at {s.pg_host}:{s.pg_port} is not reachable ({e}); run `{cmd}`")
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{s.pg_database}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{s.pg_database}"')
@@ -49,11 +115,26 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def migrated(settings: Settings) -> Iterator[Settings]:
-    """A freshly created, fully migrated test database."""
-    asyncio.run(_recreate_database(settings))
-    asyncio.run(run_migrations(settings))
-    yield settings
+def migrated(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Settings]:
+    """A freshly created, fully migrated test database on the Apache cluster, or on the
+    edition's cluster for tests parametrized by edition (same database name on both)."""
+    edition = getattr(request, "param", None) or APACHE
+    s = on_edition(settings, edition)
+    asyncio.run(_recreate_database(s))
+    asyncio.run(run_migrations(s))
+    yield s
+
+
+@pytest.fixture(scope="session")
+def edition_settings(migrated: Settings) -> Settings:
+    """`migrated`, always parametrized over the available editions."""
+    return migrated
+
+
+@pytest.fixture
+def edition(migrated: Settings) -> str:
+    """``"apache"`` or ``"timescale"``: the edition this test's `migrated` database is on."""
+    return edition_of(migrated)
 
 
 @pytest.fixture
@@ -63,6 +144,12 @@ async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def edition_pg(pg: asyncpg.Connection) -> asyncpg.Connection:
+    """`pg` on the edition of `edition_settings`."""
+    return pg
 
 
 @pytest.fixture
