@@ -17,7 +17,8 @@ Invariants:
   lexical rules (strings, quoted identifiers, dollar quoting, nested comments). After each
   statement its index is recorded in ``schema_migration_progress``, so a run that fails half
   way resumes after the last statement that succeeded, never re-running those nor leaving
-  the file unrecorded. The statement that failed (or whose progress record was lost with the
+  the file unrecorded (the statements that ran may not be edited meanwhile; the rest may,
+  to fix the one that failed). The statement that failed (or whose progress record was lost with the
   connection) runs again: every statement of such a file must be idempotent
   (``IF NOT EXISTS``, ``CREATE OR REPLACE``, ``if_not_exists => TRUE``).
 """
@@ -218,7 +219,8 @@ _BOOKKEEPING = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version text PRIMARY KEY, name text NOT NULL, variant text,
     checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
--- A no-transaction file being applied: statements [0, statements_done) have succeeded.
+-- A no-transaction file being applied: statements [0, statements_done) have succeeded;
+-- checksum covers those statements' text.
 CREATE TABLE IF NOT EXISTS schema_migration_progress (
     version text PRIMARY KEY, file text NOT NULL, checksum text NOT NULL,
     statements_done integer NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());
@@ -286,6 +288,11 @@ async def _verify_applied(conn: asyncpg.Connection, migrations: list[Migration])
     return done
 
 
+def _done_checksum(statements: list[str], done: int) -> str:
+    """Checksum of the first ``done`` statements of a no-transaction file."""
+    return hashlib.sha256("\0".join(statements[:done]).encode()).hexdigest()[:16]
+
+
 _RECORD = "INSERT INTO schema_migrations (version, name, variant, checksum) VALUES ($1, $2, $3, $4)"
 
 
@@ -305,13 +312,17 @@ async def _apply(conn: asyncpg.Connection, m: Migration) -> None:
     )
     first = 0
     if progress is not None:
-        if (progress["file"], progress["checksum"]) != (m.path.name, m.checksum):
-            raise MigrationError(
-                f"migration {m.path.name} was changed while partly applied ({progress['file']}: "
-                f"{progress['statements_done']} of its statements ran, checksum "
-                f"{progress['checksum']}, now {m.checksum}); restore it to finish applying it"
-            )
         first = int(progress["statements_done"])
+        # The statements that ran must be the ones on disk; what follows may have been fixed.
+        if (progress["file"], progress["checksum"]) != (
+            m.path.name,
+            _done_checksum(statements, first),
+        ):
+            raise MigrationError(
+                f"migration {m.path.name} is partly applied ({first} statements of "
+                f"{progress['file']} ran) and those statements were edited since; restore them "
+                "(only statements that have not run yet may change)"
+            )
         log.info("migration resumed", file=m.path.name, after_statement=first)
     for k in range(first, len(statements)):
         try:
@@ -325,10 +336,11 @@ async def _apply(conn: asyncpg.Connection, m: Migration) -> None:
             """INSERT INTO schema_migration_progress (version, file, checksum, statements_done)
                VALUES ($1, $2, $3, $4)
                ON CONFLICT (version) DO UPDATE
-               SET statements_done = excluded.statements_done, updated_at = now()""",
+               SET file = excluded.file, checksum = excluded.checksum,
+                   statements_done = excluded.statements_done, updated_at = now()""",
             m.version,
             m.path.name,
-            m.checksum,
+            _done_checksum(statements, k + 1),
             k + 1,
         )
     async with conn.transaction():
