@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     bhavcopy_dir: Path = _REPO_ROOT / ".nadi" / "bhavcopy"
     gap_repair_max_attempts: int = Field(3, ge=1)
 
+    # Storage policies (issue 9). Dagster runs candle refresh, retention and compression on
+    # both editions; TimescaleDB's own policy jobs are installed only when asked for (their
+    # background worker fails on some builds, and then a job reports failure after its work).
+    timescale_policies: bool = Field(
+        False, description="also install TimescaleDB policy jobs (Timescale license)"
+    )
+    retention_days: int = Field(0, ge=0, description="drop tick chunks older; 0 keeps all")
+    compress_after_days: int = Field(
+        7, ge=1, description="compress tick chunks older than this (Timescale license)"
+    )
+
     # Where local services keep data, builds and logs (git-ignored).
     home: Path = _REPO_ROOT / ".nadi"
     dagster_home: Path = Field(

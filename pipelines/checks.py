@@ -84,18 +84,15 @@ class CandleCheckOutcome:
 
 
 def _diff_sql(table: str, width: str) -> str:
-    # Raw-tick candles in the same shape as the rollup (first/last by (exchange_ts,
-    # sequence_id)), FULL JOINed with the stored ones so a missing or extra candle counts too.
+    # Raw-tick candles by the one definition (nadi_candles, dbt_or_sql/0011) that the refreshes
+    # use too, FULL JOINed with the stored ones so a missing or extra candle counts too.
     return f"""
 WITH raw AS (
-    SELECT time_bucket(INTERVAL '{width}', exchange_ts) AS b, instrument_token AS tok,
-           (array_agg(last_price ORDER BY exchange_ts, sequence_id))[1] AS o,
-           max(last_price) AS h, min(last_price) AS l,
-           (array_agg(last_price ORDER BY exchange_ts DESC, sequence_id DESC))[1] AS c,
-           coalesce(sum(last_qty), 0)::bigint AS v, count(*)::bigint AS n
-    FROM ticks
-    WHERE instrument_token = ANY($3::bigint[]) AND exchange_ts >= $1 AND exchange_ts < $2
-    GROUP BY 1, 2
+    SELECT bucket AS b, instrument_token AS tok, open AS o, high AS h, low AS l, close AS c,
+           volume AS v, tick_count AS n
+    FROM nadi_candles(INTERVAL '{width}', $3::bigint[],
+                      array_fill($1::timestamptz, ARRAY[cardinality($3::bigint[])]),
+                      array_fill($2::timestamptz, ARRAY[cardinality($3::bigint[])]), $1, $2)
 ), stored AS (
     SELECT bucket AS b, instrument_token AS tok, open AS o, high AS h, low AS l, close AS c,
            volume::bigint AS v, tick_count::bigint AS n

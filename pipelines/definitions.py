@@ -5,10 +5,10 @@ from __future__ import annotations
 from dagster import Definitions
 
 from nadi.settings import Settings, get_settings
-from pipelines.assets.candles import candles
+from pipelines.assets.candles import candle_refresh_policy, candles
 from pipelines.assets.quality import eod_reconciliation, gap_repair
 from pipelines.assets.replay import ticks_replay
-from pipelines.assets.storage import ticks, ticks_hypertable
+from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.jobs import all_jobs
 from pipelines.resources import resources_from_settings
 from pipelines.schedules import all_schedules
@@ -18,7 +18,17 @@ from pipelines.sensors import gap_repair_sensor
 def build_definitions(settings: Settings) -> Definitions:
     """Everything, with resources fed from ``settings`` (tests pass their own)."""
     return Definitions(
-        assets=[ticks_hypertable, ticks, gap_repair, candles, eod_reconciliation, ticks_replay],
+        assets=[
+            ticks_hypertable,
+            ticks,
+            ticks_retention,
+            ticks_compression,
+            gap_repair,
+            candles,
+            candle_refresh_policy,
+            eod_reconciliation,
+            ticks_replay,
+        ],
         jobs=all_jobs,
         schedules=all_schedules,
         sensors=[gap_repair_sensor],

@@ -31,10 +31,23 @@ from pipelines.resources import (
 
 CANDLES = AssetSelection.assets("candles_1m", "candles_5m")
 
+STORAGE_POLICIES = AssetSelection.assets(
+    "ticks_hypertable", "ticks_retention", "ticks_compression", "candle_refresh_policy"
+)
 storage_job = define_asset_job(
     "storage_job",
-    selection=AssetSelection.assets("ticks_hypertable"),
-    description="Migrations and the ticks hypertable's policies and maintenance.",
+    selection=STORAGE_POLICIES,
+    description=(
+        "Migrations, the ticks hypertable's settings and the storage policies Dagster runs on "
+        "both editions: retention, compression (Timescale license), candle refresh."
+    ),
+)
+candle_refresh_job = define_asset_job(
+    "candle_refresh_job",
+    # Small runs: steps in the run's own process, not one subprocess each (~1 s apiece).
+    executor_def=in_process_executor,
+    selection=AssetSelection.assets("candle_refresh_policy"),
+    description="Refresh the candles of every marked window of any day (late ticks, backfills).",
 )
 candles_job = define_asset_job(
     "candles_job",
@@ -117,6 +130,7 @@ def gap_repair_off_calendar_job() -> None:
 
 all_jobs: list[JobDefinition | UnresolvedAssetJobDefinition] = [
     storage_job,
+    candle_refresh_job,
     candles_job,
     gap_repair_job,
     eod_reconciliation_job,

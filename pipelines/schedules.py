@@ -1,5 +1,5 @@
-"""Schedules, all in Asia/Kolkata: intraday candles, EOD reconciliation, nightly replay,
-daily storage upkeep. Exchange holidays are skipped in the evaluation (cron cannot know them)."""
+"""Schedules, all in Asia/Kolkata: intraday candles, the candle refresh policy, EOD
+reconciliation, nightly replay, daily storage upkeep and policies. Exchange holidays are skipped in the evaluation (cron cannot know them)."""
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
 # decorated functions' annotations at definition time.
@@ -17,7 +17,13 @@ from dagster import (
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from nadi.calendar import IST, SESSION_CLOSE, SESSION_OPEN, is_trading_day, previous_trading_day
-from pipelines.jobs import candles_job, eod_reconciliation_job, replay_job, storage_job
+from pipelines.jobs import (
+    candle_refresh_job,
+    candles_job,
+    eod_reconciliation_job,
+    replay_job,
+    storage_job,
+)
 from pipelines.partitions import day_bounds, partition_key
 
 TZ = "Asia/Kolkata"
@@ -109,13 +115,36 @@ def replay_nightly_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     cron_schedule="30 18 * * *",
     execution_timezone=TZ,
     default_status=DefaultScheduleStatus.RUNNING,
-    description="18:30 IST daily: migrations, retention, rollup upkeep, VACUUM/ANALYZE.",
+    description=(
+        "18:30 IST daily: migrations, retention, compression, candle refresh, VACUUM/ANALYZE."
+    ),
 )
 def storage_maintenance_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(run_key=f"storage-{_now(context).date()}")
 
 
+@schedule(
+    job=candle_refresh_job,
+    cron_schedule="*/10 * * * *",
+    execution_timezone=TZ,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description=(
+        "Every 10 minutes, every day: refresh the candles of windows marked on any day (late "
+        "ticks, repairs, back-filled history); the API serves them from raw ticks until then."
+    ),
+)
+def candle_refresh_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    running = context.instance.get_runs(
+        RunsFilter(job_name=candle_refresh_job.name, statuses=list(IN_PROGRESS_RUN_STATUSES)),
+        limit=1,
+    )
+    if running:
+        return SkipReason("the previous refresh is still running")
+    return RunRequest()
+
+
 all_schedules = [
+    candle_refresh_schedule,
     candles_intraday_schedule,
     eod_reconciliation_schedule,
     replay_nightly_schedule,

@@ -3,10 +3,14 @@
 Sources. 1m and 5m read ``candles_1m`` / ``candles_5m`` for windows that are refreshed, and
 compute the rest from raw ``ticks``:
 
-* a 5-minute window listed in ``candle_dirty`` for the instrument (ticks arrived since its
-  candles were computed), and
+* a 5-minute window listed in ``candle_dirty`` for the instrument (the tick writer marks the
+  windows of every row it commits, late and back-filled ticks included, on both editions;
+  a refresh forgets the marks it has covered), and
 * everything from the 5-minute window after the table's newest bucket for the instrument
-  (never refreshed yet; with continuous aggregates real-time aggregation already covers it).
+  (never refreshed yet).
+
+Both editions take the same path: the continuous aggregates are materialized-only
+(dbt_or_sql/0012), so the stored tables hold exactly what a refresh computed, like the rollup.
 
 Two statements: a cheap one finds the dirty windows and the refreshed frontier, then the main
 one reads stored candles outside those and aggregates raw ticks only inside them, with the
@@ -15,9 +19,11 @@ raw time bounds as constants so TimescaleDB excludes every other chunk at plan t
 two a refresh may run: raw ticks are always right, so the answer is still complete; a tick
 arriving in between may be missed, as if the request had come a moment earlier.
 
-Raw candles use the definitions of dbt_or_sql/0006_candles.apache.sql: open = first price by
-(exchange_ts, sequence_id), close = last, high/low = max/min, volume = sum(last_qty),
-tick_count = count.
+Raw candles come from ``nadi_candles()`` (dbt_or_sql/0011_candle_definition.sql), the one
+definition the rollup refresh, the continuous aggregates and the pipelines' check use too:
+open = first price by (exchange_ts, sequence_id), close = last, high/low = max/min,
+volume = sum(last_qty), tick_count = count. So the same ticks give the same bytes on both
+editions, refreshed or not.
 
 Alignment (IST, UTC+05:30, no DST). 1m/5m/15m are aligned to the clock (09:15 IST is on the
 15-minute grid anyway); 1h buckets start at 09:15 IST like NSE charts (09:15, 10:15, …, 15:15
@@ -75,17 +81,12 @@ FROM candles_{tf}
 WHERE instrument_token = $1 AND bucket >= $2 AND bucket < $3
   AND NOT (time_bucket('5 minutes', bucket) = ANY($4::timestamptz[]))
 """
-# $5/$6: raw tick ranges [a, b); $7..$8: their hull, for plan-time chunk exclusion.
+# $5/$6: raw tick ranges [a, b); $7..$8: their hull, for plan-time chunk exclusion. The candle
+# definition is the database's (nadi_candles, dbt_or_sql/0011), the one the refreshes use.
 _RAW = """
-SELECT time_bucket('{step}', t.exchange_ts),
-       (array_agg(t.last_price ORDER BY t.exchange_ts, t.sequence_id))[1],
-       max(t.last_price), min(t.last_price),
-       (array_agg(t.last_price ORDER BY t.exchange_ts DESC, t.sequence_id DESC))[1],
-       coalesce(sum(t.last_qty), 0)::bigint, count(*)
-FROM unnest($5::timestamptz[], $6::timestamptz[]) AS r(a, b)
-JOIN ticks t ON t.instrument_token = $1 AND t.exchange_ts >= r.a AND t.exchange_ts < r.b
-WHERE t.exchange_ts >= $7 AND t.exchange_ts < $8
-GROUP BY 1
+SELECT bucket, open, high, low, close, volume, tick_count
+FROM nadi_candles('{step}'::interval, array_fill($1::bigint, ARRAY[cardinality($5::timestamptz[])]),
+                  $5::timestamptz[], $6::timestamptz[], $7, $8)
 """
 _DERIVE = """
 SELECT time_bucket({iv}, bucket, {origin}),

@@ -1,8 +1,15 @@
-"""Aggregates group: ``candles_1m`` and ``candles_5m``, one partition per NSE trading day.
+"""Aggregates group: ``candles_1m`` and ``candles_5m``, one partition per NSE trading day, and
+``candle_refresh_policy``, the refresh of marked windows of any day.
 
-One op materializes both: with the Apache edition ``nadi_refresh_candles`` recomputes the 1m
-and the 5m rollups of a window together (5m is built from 1m), and with the Timescale license
-the 5m continuous aggregate is hierarchical on the 1m one, so they are refreshed in order.
+One op materializes both tables: with the Apache edition ``nadi_refresh_candles`` recomputes
+the 1m and the 5m rollups of a window together (5m is built from 1m), and with the Timescale
+license the 5m continuous aggregate is hierarchical on the 1m one, so they are refreshed in
+order. Both compute candles with the one definition of dbt_or_sql/0011.
+
+Marks. The tick writer marks the 5-minute windows of every row it commits (``candle_dirty``)
+on both editions, and the API serves marked windows from raw ticks. A refresh forgets only the
+marks whose ticks it has seen: the rollup claims them in its own transaction, the continuous
+aggregate refresh (which cannot run in one) forgets those its prior snapshot saw committed.
 """
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
@@ -10,7 +17,7 @@ the 5m continuous aggregate is hierarchical on the 1m one, so they are refreshed
 
 import time
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -23,11 +30,13 @@ from dagster import (
     Config,
     MaterializeResult,
     MetadataValue,
+    RetryPolicy,
+    asset,
     multi_asset,
 )
 from pydantic import Field
 
-from pipelines.assets.storage import ticks
+from pipelines.assets.storage import POLICY_RETRY, ticks
 from pipelines.checks import CandleCheckOutcome, candle_check_specs, check_candles_day
 from pipelines.partitions import day_bounds, key_to_day, trading_days
 from pipelines.resources import TimescaleResource, candle_mode, run_async
@@ -68,6 +77,34 @@ class CandleRefreshConfig(Config):
     )
 
 
+async def refresh_aggregates(
+    conn: asyncpg.Connection, start: datetime, end: datetime, *, force: bool
+) -> int:
+    """Timescale license: refresh both continuous aggregates over ``[start, end)`` and forget
+    the marks they now cover; returns the number of marks forgotten.
+
+    A refresh cannot run in one transaction with its claim of the marks, so the snapshot comes
+    first: every mark it saw committed has its ticks in the refresh that follows, and a mark
+    written meanwhile (a tick committed during the refresh) stays, its window served from raw
+    ticks until the next refresh. ``conn`` must not be in a transaction.
+    """
+    snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    # 5m is hierarchical on 1m: 1m goes first.
+    for view in ("candles_1m", "candles_5m"):
+        await conn.execute(
+            f"CALL refresh_continuous_aggregate('{view}', $1::timestamptz, $2::timestamptz,"
+            " force => $3)",
+            start,
+            end,
+            force,
+        )
+    return int(
+        await conn.fetchval(
+            "SELECT nadi_forget_refreshed_marks($1::pg_snapshot, $2, $3)", snapshot, start, end
+        )
+    )
+
+
 async def refresh_day(conn: asyncpg.Connection, day: date, *, full: bool) -> dict[str, Any]:
     """Refresh both candle tables over ``day``'s window; returns operator figures."""
     start, end = day_bounds(day)
@@ -83,17 +120,9 @@ async def refresh_day(conn: asyncpg.Connection, day: date, *, full: bool) -> dic
                 marked = int(await conn.fetchval(_MARK_DAY, start, end))
         windows = int(await conn.fetchval("SELECT nadi_refresh_candles($1, $2)", start, end))
     else:
-        # refresh_continuous_aggregate cannot run inside a transaction block; asyncpg runs
-        # each statement outside one unless asked. 5m is hierarchical on 1m: 1m goes first.
-        for view in ("candles_1m", "candles_5m"):
-            await conn.execute(
-                f"CALL refresh_continuous_aggregate('{view}', $1::timestamptz, $2::timestamptz)",
-                start,
-                end,
-            )
-        await conn.execute(
-            "DELETE FROM candle_dirty WHERE bucket >= $1 AND bucket < $2", start, end
-        )
+        # Continuous aggregates track invalidations themselves; a full refresh recomputes
+        # every bucket of the day whatever they recorded (force).
+        windows = await refresh_aggregates(conn, start, end, force=full)
     refresh_ms = round((time.perf_counter() - t0) * 1000, 1)
     stats = await conn.fetchrow(
         """SELECT (SELECT count(*) FROM candles_1m WHERE bucket >= $1 AND bucket < $2) AS c1,
@@ -113,6 +142,7 @@ async def refresh_day(conn: asyncpg.Connection, day: date, *, full: bool) -> dic
         "windows_marked": marked,
         "windows_refreshed": windows,
         "refresh_ms": refresh_ms,
+        "refresh_seconds": round(refresh_ms / 1000, 3),
         **{k: int(v) for k, v in dict(stats).items()},
     }
 
@@ -173,6 +203,8 @@ def _days_of(context: AssetExecutionContext) -> list[date]:
     # Up to ten days per run: a year-long backfill becomes ~25 runs, not 250.
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
     op_tags={"nadi/kind": "candles"},
+    # A refresh is idempotent: a retry after a lock timeout or a restarted server is safe.
+    retry_policy=RetryPolicy(max_retries=2, delay=5),
 )
 def candles(
     context: AssetExecutionContext, config: CandleRefreshConfig, timescale: TimescaleResource
@@ -190,6 +222,9 @@ def candles(
         "windows_refreshed (instrument x 5 min)": MetadataValue.int(total["windows_refreshed"]),
         "windows_marked_for_backfill": MetadataValue.int(total["windows_marked"]),
         "refresh_ms": MetadataValue.float(sum(float(d["refresh_ms"]) for d in per_day)),
+        "refresh_seconds": MetadataValue.float(
+            round(sum(float(d["refresh_ms"]) for d in per_day) / 1000, 3)
+        ),
         "check_ms": MetadataValue.float(check_ms),
         "instruments": MetadataValue.int(max((int(d["instruments"]) for d in per_day), default=0)),
         "dirty_windows_left": MetadataValue.int(sum(int(d["dirty"]) for d in per_day)),
@@ -208,3 +243,66 @@ def candles(
     )
     yield c1.result()
     yield c5.result()
+
+
+_MARKED_DAYS = """
+SELECT min(bucket) AS lo, max(bucket) + INTERVAL '5 minutes' AS hi, count(*) AS windows
+FROM candle_dirty WHERE bucket < $1
+GROUP BY (bucket AT TIME ZONE 'Asia/Kolkata')::date ORDER BY 1
+"""
+
+
+async def refresh_marked(conn: asyncpg.Connection, until: datetime) -> dict[str, Any]:
+    """Refresh every marked window that starts before ``until``, whatever its day (late and
+    repaired ticks, back-filled history): what a continuous-aggregate refresh policy does,
+    run by Dagster on both editions. Returns operator figures."""
+    mode = await candle_mode(conn)
+    t0 = time.perf_counter()
+    days = [dict(r) for r in await conn.fetch(_MARKED_DAYS, until)]
+    if mode == "rollup":
+        refreshed = int(await conn.fetchval("SELECT nadi_refresh_candles('-infinity', $1)", until))
+    else:
+        refreshed = 0
+        for d in days:  # one refresh per IST day: its marks span at most that day
+            refreshed += await refresh_aggregates(conn, d["lo"], d["hi"], force=False)
+    left = int(await conn.fetchval("SELECT count(*) FROM candle_dirty"))
+    return {
+        "mode": mode,
+        "days": [str((d["lo"] + timedelta(hours=5, minutes=30)).date()) for d in days],
+        "windows_marked": sum(int(d["windows"]) for d in days),
+        "windows_refreshed": refreshed,
+        "windows_left": left,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+@asset(
+    name="candle_refresh_policy",
+    group_name=GROUP,
+    deps=[ticks],
+    kinds={"timescaledb"},
+    retry_policy=POLICY_RETRY,
+    description=(
+        "The candle refresh policy, run by Dagster on both editions: refreshes `candles_1m` and "
+        "`candles_5m` over every window marked since its last refresh that started before the "
+        "current one, on any day (late and repaired ticks, back-filled history). Until then "
+        "`/v1/candles` serves those windows from raw ticks. Records days, windows and seconds."
+    ),
+)
+def candle_refresh_policy(timescale: TimescaleResource) -> MaterializeResult[None]:
+    async def go() -> dict[str, Any]:
+        async with timescale.connect() as conn:
+            until = await conn.fetchval("SELECT time_bucket(INTERVAL '5 minutes', now())")
+            return await refresh_marked(conn, until)
+
+    r = run_async(go())
+    return MaterializeResult(
+        metadata={
+            "mode": r["mode"],
+            "trading_days": MetadataValue.json(r["days"]),
+            "windows_marked": MetadataValue.int(r["windows_marked"]),
+            "windows_refreshed (instrument x 5 min)": MetadataValue.int(r["windows_refreshed"]),
+            "dirty_windows_left": MetadataValue.int(r["windows_left"]),
+            "seconds": MetadataValue.float(r["seconds"]),
+        }
+    )

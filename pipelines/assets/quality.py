@@ -48,7 +48,6 @@ from pipelines.resources import (
     RecoverySourceResource,
     RedisResource,
     TimescaleResource,
-    candle_mode,
     run_async,
 )
 
@@ -206,7 +205,9 @@ async def repair_gaps(
     ``ring``, today's repaired ticks are pushed live too."""
     outcomes: list[GapOutcome] = []
     async with db.connect(staging=True) as conn:
-        mark_dirty = await candle_mode(conn) == "rollup"
+        # Repaired ticks mark their windows on both editions: the API serves marked windows
+        # from raw ticks until the candles are refreshed (issue 9).
+        mark_dirty = True
         rows = await conn.fetch(
             """SELECT id, instrument_token, trading_day, from_seq, to_seq, repair_attempts
                FROM sequence_gaps

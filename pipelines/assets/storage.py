@@ -1,4 +1,18 @@
-"""Storage group: the ``ticks`` hypertable's schema and policies, and ``ticks`` itself.
+"""Storage group: the ``ticks`` hypertable, its policies as assets, and ``ticks`` itself.
+
+Dagster runs the storage policies on both editions instead of TimescaleDB's job scheduler
+(whose background worker fails after doing the work on some builds, see issue 9):
+
+* ``ticks_hypertable``: pending migrations, the chunk interval, TimescaleDB's own policy jobs
+  (installed only with ``NADI_TIMESCALE_POLICIES=true`` and the Timescale license; otherwise
+  removed, and TimescaleDB's built-in jobs paused), VACUUM (ANALYZE) of recent chunks. Its
+  check ``timescaledb_jobs_ok`` reports every scheduled TimescaleDB job whose last run failed.
+* ``ticks_retention``: ``drop_chunks`` past the retention horizon (both editions).
+* ``ticks_compression``: ``compress_chunk`` of chunks past the compression age (Timescale
+  license; on the Apache edition it records that compression is unavailable).
+
+Each materialization records its figures (chunks, rows, bytes, seconds). The candle refresh
+policy is ``candle_refresh_policy`` in the aggregates group. All are retried by Dagster.
 
 ``ticks`` is written by the MarketDataProcessor, not by Dagster: it is an external asset
 partitioned by trading day, there so the graph shows what candles, repairs, reconciliations and
@@ -9,15 +23,22 @@ replays read (replays record observations of the partitions they read).
 # decorated functions' annotations at definition time.
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetSpec,
+    Backoff,
     Config,
     MaterializeResult,
     MetadataValue,
+    RetryPolicy,
     asset,
 )
 from pydantic import Field
@@ -28,22 +49,46 @@ from pipelines.partitions import trading_days
 from pipelines.resources import RedisResource, TimescaleResource, candle_mode, run_async
 
 GROUP = "storage"
+JOBS_CHECK = "timescaledb_jobs_ok"
+# Transient failures (a lock timeout, a restarted server) are worth three more tries.
+POLICY_RETRY = RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL)
 
 
 class TicksPolicyConfig(Config):
-    """The hypertable's policies (editable in the launchpad)."""
+    """The hypertable's settings and TimescaleDB's policy jobs (editable in the launchpad)."""
 
     chunk_interval_hours: int = Field(
         1, ge=1, le=24 * 7, description="time range of new chunks (existing ones keep theirs)"
     )
-    retention_days: int = Field(
-        0, ge=0, description="drop chunks older than this many days; 0 keeps all history"
+    timescale_policies: bool | None = Field(
+        None,
+        description=(
+            "install TimescaleDB's policy jobs (candle refresh, retention, compression) besides "
+            "Dagster's; empty: NADI_TIMESCALE_POLICIES (default off)"
+        ),
     )
-    compress_after_days: int = Field(
-        7, ge=1, description="Timescale license only: compress chunks older than this"
+    retention_days: int | None = Field(
+        None, ge=0, description="for the retention policy job; empty: NADI_RETENTION_DAYS"
+    )
+    compress_after_days: int | None = Field(
+        None, ge=1, description="for the compression policy job; empty: NADI_COMPRESS_AFTER_DAYS"
     )
     analyze_recent_hours: int = Field(
         48, ge=1, description="VACUUM (ANALYZE) the chunks of the last N hours"
+    )
+
+
+class RetentionConfig(Config):
+    retention_days: int | None = Field(
+        None,
+        ge=0,
+        description="drop chunks older than this; 0 keeps all; empty: NADI_RETENTION_DAYS",
+    )
+
+
+class CompressionConfig(Config):
+    compress_after_days: int | None = Field(
+        None, ge=1, description="compress chunks older than this; empty: NADI_COMPRESS_AFTER_DAYS"
     )
 
 
@@ -51,7 +96,124 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
 
 
-async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, Any]:
+def _or_setting(value: int | bool | None, name: str) -> Any:
+    return getattr(get_settings(), name) if value is None else value
+
+
+async def _enable_compression(conn: asyncpg.Connection) -> None:
+    """Segment by instrument (every read is per instrument), order by time then sequence."""
+    enabled = await conn.fetchval(
+        "SELECT compression_enabled FROM timescaledb_information.hypertables"
+        " WHERE hypertable_name = 'ticks'"
+    )
+    if not enabled:
+        await conn.execute(
+            "ALTER TABLE ticks SET (timescaledb.compress,"
+            " timescaledb.compress_segmentby = 'instrument_token',"
+            " timescaledb.compress_orderby = 'exchange_ts, sequence_id')"
+        )
+
+
+async def _sync_timescale_policies(
+    conn: asyncpg.Connection, on: bool, retention_days: int, compress_after_days: int
+) -> dict[str, Any]:
+    """Timescale license: TimescaleDB's policy jobs as configured; returns what is installed."""
+    for view in ("candles_1m", "candles_5m"):
+        await conn.execute(
+            f"SELECT remove_continuous_aggregate_policy('{view}', if_exists => TRUE)"
+        )
+    await conn.execute("SELECT remove_retention_policy('ticks', if_exists => TRUE)")
+    await conn.execute("SELECT remove_compression_policy('ticks', if_exists => TRUE)")
+    installed: list[str] = []
+    if on:
+        # Late ticks older than 2 days are refreshed by Dagster (candle_refresh_policy).
+        for view, end, every in (("candles_1m", "1 minute", "1 minute"),
+                                 ("candles_5m", "5 minutes", "5 minutes")):  # fmt: skip
+            await conn.execute(
+                f"SELECT add_continuous_aggregate_policy('{view}', start_offset => INTERVAL "
+                f"'2 days', end_offset => INTERVAL '{end}', schedule_interval => INTERVAL "
+                f"'{every}')"
+            )
+            installed.append(f"refresh {view}")
+        if retention_days:
+            await conn.execute(
+                "SELECT add_retention_policy('ticks', $1::interval)",
+                timedelta(days=retention_days),
+            )
+            installed.append(f"retention {retention_days} d")
+        await _enable_compression(conn)
+        await conn.execute(
+            "SELECT add_compression_policy('ticks', compress_after => $1::interval)",
+            timedelta(days=compress_after_days),
+        )
+        installed.append(f"compression after {compress_after_days} d")
+    # TimescaleDB's own jobs (job-history retention) run with the policies, or not at all.
+    paused = await conn.fetch(
+        """SELECT alter_job(job_id, scheduled => $1) FROM timescaledb_information.jobs
+           WHERE proc_schema = '_timescaledb_functions' AND hypertable_name IS NULL
+             AND scheduled IS DISTINCT FROM $1""",
+        on,
+    )
+    return {"installed": installed, "builtin_jobs_toggled": len(paused)}
+
+
+_JOBS_SQL = """
+SELECT j.job_id, j.application_name, j.proc_name, j.hypertable_name, j.scheduled,
+       s.last_run_status, s.last_run_started_at, s.total_runs, s.total_failures,
+       (SELECT e.err_message FROM timescaledb_information.job_errors e
+        WHERE e.job_id = j.job_id ORDER BY e.start_time DESC LIMIT 1) AS last_error,
+       (SELECT e.sqlerrcode FROM timescaledb_information.job_errors e
+        WHERE e.job_id = j.job_id ORDER BY e.start_time DESC LIMIT 1) AS last_sqlstate
+FROM timescaledb_information.jobs j
+LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id
+ORDER BY j.job_id
+"""
+
+
+def jobs_check_result(license_: str, jobs: list[dict[str, Any]]) -> AssetCheckResult:
+    """WARN when a scheduled TimescaleDB job's last run failed (its work may still be done:
+    see issue 9; Dagster's own policy assets do not depend on it). On the Apache edition a
+    built-in job refused by the license (SQLSTATE 0A000) is listed, not counted."""
+    unsupported = [
+        j for j in jobs
+        if license_ == "apache" and j["last_run_status"] == "Failed"
+        and j["last_sqlstate"] == "0A000"
+    ]  # fmt: skip
+    failing = [
+        j for j in jobs
+        if j["scheduled"] and j["last_run_status"] == "Failed" and j not in unsupported
+    ]  # fmt: skip
+    rows = "\n".join(
+        f"| {j['job_id']} | {j['application_name']} | {j['scheduled']} | {j['last_run_status']}"
+        f" | {j['total_runs']} | {j['total_failures']} | {(j['last_error'] or '')[:120]} |"
+        for j in jobs
+    )
+    table = "| job | name | scheduled | last run | runs | failures | last error |\n"
+    table += "|---|---|---|---|---|---|---|\n" + rows
+    return AssetCheckResult(
+        check_name=JOBS_CHECK,
+        passed=not failing,
+        severity=AssetCheckSeverity.WARN,
+        description=(
+            f"no scheduled TimescaleDB job failed ({len(jobs)} jobs)"
+            if not failing
+            else f"{len(failing)} TimescaleDB jobs failed: "
+            + "; ".join(
+                f"{j['application_name']} (job {j['job_id']}): {j['last_error']}" for j in failing
+            )
+        ),
+        metadata={
+            "jobs": MetadataValue.int(len(jobs)),
+            "failing_jobs": MetadataValue.json([int(j["job_id"]) for j in failing]),
+            "unsupported_by_license": MetadataValue.json([int(j["job_id"]) for j in unsupported]),
+            "job_status": MetadataValue.md(table),
+        },
+    )
+
+
+async def _maintain(
+    db: TimescaleResource, cfg: TicksPolicyConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     timings: dict[str, float] = {}
     out: dict[str, Any] = {}
     t = time.perf_counter()
@@ -69,65 +231,21 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
         )
         timings["chunk_interval_ms"] = _ms(t)
 
-        # Retention. Policies (background jobs) are a Timescale-license feature; on the Apache
-        # edition this asset is the policy: drop_chunks() each time it materializes (daily).
         t = time.perf_counter()
-        dropped = 0
+        on = bool(_or_setting(cfg.timescale_policies, "timescale_policies"))
         if license_ == "apache":
-            if cfg.retention_days:
-                dropped = len(
-                    await conn.fetch(
-                        "SELECT drop_chunks('ticks', older_than => now() - $1::interval)",
-                        timedelta(days=cfg.retention_days),
-                    )
-                )
-            out["retention"] = (
-                f"drop_chunks older than {cfg.retention_days} d (run by this asset)"
-                if cfg.retention_days
-                else "keep all"
-            )
+            out["timescale_policies"] = "unavailable (Apache edition): Dagster runs them"
         else:
-            await conn.execute("SELECT remove_retention_policy('ticks', if_exists => TRUE)")
-            if cfg.retention_days:
-                await conn.execute(
-                    "SELECT add_retention_policy('ticks', $1::interval)",
-                    timedelta(days=cfg.retention_days),
-                )
-            out["retention"] = (
-                f"policy: {cfg.retention_days} d" if cfg.retention_days else "keep all"
+            synced = await _sync_timescale_policies(
+                conn,
+                on,
+                int(_or_setting(cfg.retention_days, "retention_days")),
+                int(_or_setting(cfg.compress_after_days, "compress_after_days")),
             )
-        out["chunks_dropped"] = dropped
-        timings["retention_ms"] = _ms(t)
-
-        # Compression: segment by instrument (every read is per instrument), order by time.
-        # Chunks younger than the ingest age limit stay uncompressed so late ticks and repairs
-        # insert into plain heap chunks.
-        if license_ == "apache":
-            out["compression"] = "unavailable (Apache edition)"
-        else:
-            await conn.execute(
-                "ALTER TABLE ticks SET (timescaledb.compress,"
-                " timescaledb.compress_segmentby = 'instrument_token',"
-                " timescaledb.compress_orderby = 'exchange_ts, sequence_id')"
+            out["timescale_policies"] = (
+                ", ".join(synced["installed"]) if on else "off: Dagster runs them"
             )
-            await conn.execute("SELECT remove_compression_policy('ticks', if_exists => TRUE)")
-            await conn.execute(
-                "SELECT add_compression_policy('ticks', compress_after => $1::interval)",
-                timedelta(days=cfg.compress_after_days),
-            )
-            out["compression"] = f"policy: after {cfg.compress_after_days} d"
-
-        # What the Apache edition lacks and we do instead: continuous-aggregate refresh policies
-        # (refresh every dirty rollup window except the one still filling).
-        t = time.perf_counter()
-        if mode == "rollup":
-            out["stale_windows_refreshed"] = int(
-                await conn.fetchval(
-                    "SELECT nadi_refresh_candles('-infinity',"
-                    " time_bucket(INTERVAL '5 minutes', now()))"
-                )
-            )
-        timings["rollup_refresh_ms"] = _ms(t)
+        timings["policies_ms"] = _ms(t)
 
         # Fresh chunks get planner statistics now rather than when autovacuum notices them;
         # candle_dirty churns (insert per tick batch, delete per refresh) and bloats otherwise.
@@ -159,10 +277,11 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
                         WHERE hypertable_name = 'ticks') AS newest,
                       (SELECT count(*) FROM candle_dirty) AS dirty"""
         )
+        jobs = [dict(r) for r in await conn.fetch(_JOBS_SQL)]
     assert stats is not None
     out["stats"] = dict(stats)
     out["timings"] = timings
-    return out
+    return out, jobs
 
 
 def _size(n: int | None) -> str:
@@ -183,12 +302,23 @@ async def _redis_memory(redis: RedisResource) -> str:
 @asset(
     group_name=GROUP,
     kinds={"timescaledb", "sql"},
+    retry_policy=POLICY_RETRY,
+    check_specs=[
+        AssetCheckSpec(
+            JOBS_CHECK,
+            asset="ticks_hypertable",
+            description=(
+                "TimescaleDB's background jobs (timescaledb_information.job_stats): warns when "
+                "a scheduled job's last run failed, naming the job and its error."
+            ),
+        )
+    ],
     description=(
-        "The `ticks` hypertable and its policies. Materializing applies pending `dbt_or_sql/` "
-        "migrations, sets the chunk interval, applies retention (a policy with the Timescale "
-        "license; `drop_chunks` run here on the Apache edition) and compression (Timescale "
-        "license only), refreshes stale candle rollup windows (what continuous-aggregate "
-        "policies would do) and runs VACUUM (ANALYZE) on recent chunks. Safe to run any time."
+        "The `ticks` hypertable. Materializing applies pending `dbt_or_sql/` migrations, sets "
+        "the chunk interval, installs or removes TimescaleDB's policy jobs "
+        "(`NADI_TIMESCALE_POLICIES`, off by default: Dagster's policy assets do the work) and "
+        "runs VACUUM (ANALYZE) on recent chunks; its check reports TimescaleDB job failures. "
+        "Safe to run any time."
     ),
 )
 def ticks_hypertable(
@@ -196,9 +326,9 @@ def ticks_hypertable(
     config: TicksPolicyConfig,
     timescale: TimescaleResource,
     redis: RedisResource,
-) -> MaterializeResult[None]:
+) -> Iterator[MaterializeResult[None] | AssetCheckResult]:
     t0 = time.perf_counter()
-    r = run_async(_maintain(timescale, config))
+    r, jobs = run_async(_maintain(timescale, config))
     st = r["stats"]
     try:
         redis_mem = run_async(_redis_memory(redis))
@@ -214,7 +344,7 @@ def ticks_hypertable(
             f"| candles_5m | {_size(st['c5_bytes'])} |",
         ]
     )
-    return MaterializeResult(
+    yield MaterializeResult(
         metadata={
             "rows (approx.)": MetadataValue.int(int(st["rows"] or 0)),
             "chunks": MetadataValue.int(int(st["chunks"] or 0)),
@@ -225,18 +355,16 @@ def ticks_hypertable(
             "newest_chunk_end": str(st["newest"]),
             "license": r["license"],
             "candle_mode": r["candle_mode"],
-            "retention": r["retention"],
-            "compression": r["compression"],
-            "chunks_dropped": MetadataValue.int(r["chunks_dropped"]),
+            "timescale_policies": r["timescale_policies"],
             "chunks_analyzed": MetadataValue.int(r["chunks_analyzed"]),
-            "stale_windows_refreshed": MetadataValue.int(int(r.get("stale_windows_refreshed", 0))),
-            "dirty_windows_left": MetadataValue.int(int(st["dirty"])),
+            "dirty_windows": MetadataValue.int(int(st["dirty"])),
             "migrations_applied": MetadataValue.json(r["migrations_applied"]),
             "redis_used_memory": redis_mem,
             "timings_ms": MetadataValue.json(r["timings"]),
-            "elapsed_ms": MetadataValue.float(_ms(t0)),
+            "seconds": MetadataValue.float(round(_ms(t0) / 1000, 3)),
         }
     )
+    yield jobs_check_result(r["license"], jobs)
 
 
 ticks = AssetSpec(
@@ -251,3 +379,143 @@ ticks = AssetSpec(
         "`exchange_ts`); replays record which partitions they read as observations."
     ),
 )
+
+
+async def drop_old_chunks(conn: asyncpg.Connection, retention_days: int) -> dict[str, Any]:
+    """Drop the chunks of ``ticks`` wholly older than ``retention_days``; 0 keeps all."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"retention_days": retention_days, "chunks_dropped": 0, "rows": 0}
+    if retention_days:
+        horizon = timedelta(days=retention_days)
+        # Rows as the planner knows them (reltuples; exact counts would scan what is dropped).
+        out["rows"] = int(
+            await conn.fetchval(
+                """SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint
+                   FROM show_chunks('ticks', older_than => now() - $1::interval) ch
+                   JOIN pg_class c ON c.oid = ch""",
+                horizon,
+            )
+        )
+        dropped = await conn.fetch(
+            "SELECT drop_chunks('ticks', older_than => now() - $1::interval)", horizon
+        )
+        out["chunks_dropped"] = len(dropped)
+    out["oldest_tick_chunk"] = str(
+        await conn.fetchval(
+            "SELECT min(range_start) FROM timescaledb_information.chunks"
+            " WHERE hypertable_name = 'ticks'"
+        )
+    )
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+@asset(
+    group_name=GROUP,
+    deps=[ticks],
+    kinds={"timescaledb"},
+    retry_policy=POLICY_RETRY,
+    description=(
+        "Retention of `ticks`: drops the chunks older than the horizon (`NADI_RETENTION_DAYS`, "
+        "0 keeps all history) with `drop_chunks`, on both editions. Records chunks and rows "
+        "(planner estimate) dropped and the seconds it took."
+    ),
+)
+def ticks_retention(
+    config: RetentionConfig, timescale: TimescaleResource
+) -> MaterializeResult[None]:
+    days = int(_or_setting(config.retention_days, "retention_days"))
+
+    async def go() -> dict[str, Any]:
+        async with timescale.connect() as conn:
+            return await drop_old_chunks(conn, days)
+
+    r = run_async(go())
+    return MaterializeResult(
+        metadata={
+            "retention": f"{days} d" if days else "keep all",
+            "chunks_dropped": MetadataValue.int(r["chunks_dropped"]),
+            "rows_dropped (approx.)": MetadataValue.int(r["rows"]),
+            "oldest_chunk_start": r["oldest_tick_chunk"],
+            "seconds": MetadataValue.float(r["seconds"]),
+        }
+    )
+
+
+async def compress_old_chunks(conn: asyncpg.Connection, after_days: int) -> dict[str, Any]:
+    """Timescale license: compress every uncompressed ``ticks`` chunk wholly older than
+    ``after_days``. Younger chunks stay plain heap so late ticks and repairs insert cheaply."""
+    t0 = time.perf_counter()
+    license_ = await timescaledb_license(conn)
+    out: dict[str, Any] = {"license": license_, "chunks_compressed": 0}
+    if license_ == "apache":
+        out["compression"] = "unavailable (Apache edition)"
+    else:
+        await _enable_compression(conn)
+        chunks = [
+            r[0]
+            for r in await conn.fetch(
+                """SELECT format('%I.%I', chunk_schema, chunk_name)
+                   FROM timescaledb_information.chunks
+                   WHERE hypertable_name = 'ticks' AND NOT is_compressed
+                     AND range_end <= now() - $1::interval
+                   ORDER BY range_start""",
+                timedelta(days=after_days),
+            )
+        ]
+        for chunk in chunks:
+            await conn.execute(
+                "SELECT compress_chunk($1::regclass, if_not_compressed => TRUE)", chunk
+            )
+        out["chunks_compressed"] = len(chunks)
+        out["compression"] = f"chunks older than {after_days} d"
+        st = await conn.fetchrow(
+            """SELECT count(*) AS n, coalesce(sum(before_compression_total_bytes), 0) AS before,
+                      coalesce(sum(after_compression_total_bytes), 0) AS after
+               FROM chunk_compression_stats('ticks') WHERE compression_status = 'Compressed'"""
+        )
+        assert st is not None
+        out.update(
+            compressed_chunks_total=int(st["n"]),
+            bytes_before=int(st["before"]),
+            bytes_after=int(st["after"]),
+        )
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+@asset(
+    group_name=GROUP,
+    deps=[ticks],
+    kinds={"timescaledb"},
+    retry_policy=POLICY_RETRY,
+    description=(
+        "Compression of `ticks` (Timescale license): compresses the chunks older than "
+        "`NADI_COMPRESS_AFTER_DAYS`, segmented by instrument and ordered by "
+        "(exchange_ts, sequence_id). Records chunks compressed, bytes before and after and the "
+        "seconds it took; on the Apache edition it records that compression is unavailable."
+    ),
+)
+def ticks_compression(
+    config: CompressionConfig, timescale: TimescaleResource
+) -> MaterializeResult[None]:
+    days = int(_or_setting(config.compress_after_days, "compress_after_days"))
+
+    async def go() -> dict[str, Any]:
+        async with timescale.connect() as conn:
+            return await compress_old_chunks(conn, days)
+
+    r = run_async(go())
+    md: dict[str, Any] = {
+        "license": r["license"],
+        "compression": r["compression"],
+        "chunks_compressed": MetadataValue.int(r["chunks_compressed"]),
+        "seconds": MetadataValue.float(r["seconds"]),
+    }
+    if "bytes_before" in r:
+        md.update(
+            compressed_chunks_total=MetadataValue.int(r["compressed_chunks_total"]),
+            bytes_before=MetadataValue.int(r["bytes_before"]),
+            bytes_after=MetadataValue.int(r["bytes_after"]),
+        )
+    return MaterializeResult(metadata=md)

@@ -140,9 +140,9 @@ class MarketDataProcessor:
         await producer.start()
         try:
             mode = await pool.fetchval("SELECT mode FROM candle_mode")
-            self.processor = BatchProcessor(
-                s, pool, redis_client, producer, mark_dirty=mode == "rollup"
-            )
+            # Both editions: the API merges the raw tail of marked windows (issue 9), and a
+            # continuous aggregate's watermark does not cover late or back-filled ticks.
+            self.processor = BatchProcessor(s, pool, redis_client, producer, mark_dirty=True)
             self.processor.known_tokens = await self._known_tokens(pool)
             processor = self.processor
 
