@@ -76,17 +76,29 @@ class Postgres:
         # PostgreSQL refuses to run as root: run its tools as the 'postgres' system user.
         return ["runuser", "-u", "postgres", "--", *cmd] if is_root() else cmd
 
-    def install(self) -> None:
+    def install(self, build: bool = True) -> None:
+        """Make the binaries available. ``build=False`` (TSL cluster): only the recorded build,
+        never a new one; ServiceError when it is gone."""
         if self.major == 0:
             apt_install("postgresql", "postgresql-contrib")
         if self.edition == "apache":
             timescaledb.ensure(self.paths, self.major)
             return
-        build = timescale_edition.ensure_built(self.paths, self.s.timescale_src, self.major)
+        if not build:
+            if not (self._prefix_file.exists() and (self._bindir() / "postgres").exists()):
+                raise timescale_edition.BuildGone(f"the TSL build of {self.name} is gone")
+            return
+        tsl = timescale_edition.ensure_built(self.paths, self.s.timescale_src, self.major)
         if is_root():
-            _traversable(build.prefix)
+            _traversable(tsl.prefix)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._prefix_file.write_text(f"{build.bindir}\n")
+        before = self._bindir() if self._prefix_file.exists() else None
+        if before != tsl.bindir and before is not None and self.running():
+            # Never restarted behind its users' backs (tests of other sessions share it).
+            say(f"{self.name} runs the build in {before}; `nadi services down` then `up` "
+                f"switches it to {tsl.bindir}")  # fmt: skip
+            return
+        self._prefix_file.write_text(f"{tsl.bindir}\n")
 
     def _prepare_dirs(self) -> None:
         for d in (self.root, self.sock, self.paths.logs):
@@ -151,8 +163,8 @@ class Postgres:
         )
         return out.returncode == 0
 
-    def start(self) -> None:
-        self.install()
+    def start(self, build: bool = True) -> None:
+        self.install(build)
         self.initdb()
         self._prepare_dirs()
         changed = self._write_conf()  # settings may have moved the port since initdb

@@ -10,15 +10,17 @@ from infra.paths import Paths
 from infra.postgres import Postgres
 from infra.proc import say
 from infra.redis_server import RedisServer
-from infra.timescale_edition import SourceMissing, require_source
+from infra.timescale_edition import BuildGone, SourceMissing, require_source
 from nadi.settings import Settings
 
 
 class LocalStack:
     """The services, in start order. Every operation is idempotent.
 
-    The Timescale-edition cluster starts only when asked (``up(timescale_edition=True)``);
-    once created (its data directory exists) ``status`` lists it and ``down`` stops it."""
+    The Timescale-edition cluster is built and created only when asked
+    (``up(timescale_edition=True)``); once it exists (its data directory), a plain ``up``
+    starts it too (from the build it was made with, never building), ``status`` lists it and
+    ``down`` stops it."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -49,6 +51,11 @@ class LocalStack:
         self.kafka.start()
         if timescale_edition:
             self.postgres_tsl.start()
+        elif self._tsl_exists():
+            try:
+                self.postgres_tsl.start(build=False)
+            except BuildGone as e:
+                say(f"{e}; `nadi services up --timescale-edition` rebuilds it")
         took = time.monotonic() - t0
         say(f"all services up in {took:.1f}s")
         return took

@@ -49,6 +49,10 @@ class SourceMissing(ServiceError):
     """NADI_TIMESCALE_SRC names nothing: the Timescale edition cannot be built here."""
 
 
+class BuildGone(ServiceError):
+    """The build a TSL cluster was made with is no longer in the cache."""
+
+
 @dataclass(frozen=True)
 class TslBuild:
     """A finished build: a PostgreSQL prefix whose TimescaleDB has the TSL module."""
