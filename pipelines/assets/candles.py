@@ -88,7 +88,7 @@ async def refresh_aggregates(
     written meanwhile (a tick committed during the refresh) stays, its window served from raw
     ticks until the next refresh. ``conn`` must not be in a transaction.
     """
-    snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    snapshot = await conn.fetchval("SELECT pg_current_snapshot()")
     # 5m is hierarchical on 1m: 1m goes first.
     for view in ("candles_1m", "candles_5m"):
         await conn.execute(
