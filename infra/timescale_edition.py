@@ -176,7 +176,7 @@ def ensure_built(paths: Paths, src: Path, major: int) -> TslBuild:
     build = TslBuild(prefix=root / "pg", major=major)
     if build.is_complete():
         return build
-    with _locked(root.with_suffix(".lock")):
+    with _locked(root.parent / f"{root.name}.lock"):
         if build.is_complete():  # another process built it while we waited
             return build
         _ensure_tools(major)
