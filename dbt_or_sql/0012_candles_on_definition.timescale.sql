@@ -27,9 +27,7 @@ WITH NO DATA $f$, nadi_candle_rollup_aggregates());
 END
 $gen$;
 
--- The API and refresh read candles by instrument and time, like the rollup's primary key.
-CREATE INDEX IF NOT EXISTS candles_1m_token_bucket ON candles_1m (instrument_token, bucket);
-CREATE INDEX IF NOT EXISTS candles_5m_token_bucket ON candles_5m (instrument_token, bucket);
+-- (TimescaleDB indexes each materialization on (instrument_token, bucket) by itself.)
 
 INSERT INTO candle_dirty (instrument_token, bucket)
 SELECT DISTINCT instrument_token, time_bucket(INTERVAL '5 minutes', exchange_ts) FROM ticks

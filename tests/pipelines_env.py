@@ -3,7 +3,8 @@ processor, the simulator's recovery service on a free port, and a Dagster instan
 dagster-postgres in a temporary DAGSTER_HOME.
 
 Run with ``NADI_PG_DSN=.../nadi_test_dagster NADI_REDIS_URL=redis://.../10`` (or the defaults
-of conftest) like every other integration test.
+of conftest) like every other integration test. Under ``both_editions`` the market is built
+once per edition, on that edition's cluster (Dagster's storage database too).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from tests.processor_util import private_settings, reset_state, running_worker
 
 SEED = 11
 DENSITY = 0.25  # ticks per exchange-second over all instruments: ~5,600 ticks a day
-DAGSTER_TEST_DB = "nadi_dagster_test"
 
 
 def instruments_for(day: date) -> list[Instrument]:
@@ -141,10 +141,16 @@ async def _fresh_database(settings: Settings, name: str) -> None:
         await conn.close()
 
 
+def dagster_test_db(settings: Settings) -> str:
+    """The Dagster storage database of a test run, named after its test database (so runs of
+    two worktrees, each with its own NADI_PG_DSN database, never share one)."""
+    return f"{settings.pg_database}_dagster"
+
+
 def dagster_home(settings: Settings, path: Path) -> Path:
-    """A temporary DAGSTER_HOME on dagster-postgres (database ``nadi_dagster_test``)."""
+    """A temporary DAGSTER_HOME on dagster-postgres (database :func:`dagster_test_db`)."""
     return ensure_dagster_home(
-        settings.model_copy(update={"dagster_home": path}), database=DAGSTER_TEST_DB
+        settings.model_copy(update={"dagster_home": path}), database=dagster_test_db(settings)
     )
 
 
@@ -153,7 +159,7 @@ def market(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     days = _recent_days(4)
     gens, dropped = asyncio.run(_ingest(migrated, days))
     assert sum(map(len, dropped.values())) >= 2, "the gap day must have gaps"
-    asyncio.run(_fresh_database(migrated, DAGSTER_TEST_DB))
+    asyncio.run(_fresh_database(migrated, dagster_test_db(migrated)))
     home = dagster_home(migrated, tmp_path_factory.mktemp("dagster_home"))
     bhav = tmp_path_factory.mktemp("bhavcopy")
     port = free_port()

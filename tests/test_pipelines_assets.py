@@ -1,6 +1,6 @@
 """Dagster assets against the real services, over simulated trading days written through
 the MarketDataProcessor: storage policies, candle partitions and backfills, the gap-repair
-path, EOD reconciliation and replays.
+path, EOD reconciliation and replays, on both TimescaleDB editions.
 
 Tests run in order and share one simulated market (see tests/pipelines_env.py).
 """
@@ -8,6 +8,7 @@ Tests run in order and share one simulated market (see tests/pipelines_env.py).
 from __future__ import annotations
 
 import asyncio
+import time as time_mod
 import uuid
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -26,9 +27,9 @@ from dagster import (
 )
 
 from nadi.calendar import IST
-from pipelines.assets.candles import candles
+from pipelines.assets.candles import candle_refresh_policy, candles
 from pipelines.assets.quality import eod_reconciliation, gap_repair
-from pipelines.assets.storage import ticks, ticks_hypertable
+from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.partitions import day_bounds, partition_key
 from pipelines.sensors import GAP_TAG, gap_repair_sensor
 from streaming.simulator.bhavcopy import write_bhavcopy
@@ -38,7 +39,10 @@ from tests.pipelines_env import Market
 
 market = pipelines_env.market  # the shared session fixture
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+    pytest.mark.both_editions,
+]
 
 
 def q(m: Market, sql: str, *args: object) -> list[asyncpg.Record]:
@@ -64,6 +68,19 @@ def mat_metadata(result: ExecuteInProcessResult, key: str) -> dict[str, Any]:
         if e.asset_key == AssetKey(key):
             return {k: v.value for k, v in e.materialization.metadata.items()}
     raise AssertionError(f"{key} not materialized")
+
+
+def storage_table(m: Market, table: str) -> str:
+    """Where ``table``'s rows live: itself (rollup), or its materialization hypertable (a
+    continuous aggregate is a view), for tests that damage or wipe stored candles."""
+    rows = q(
+        m,
+        """SELECT format('%I.%I', materialization_hypertable_schema,
+                         materialization_hypertable_name)
+           FROM timescaledb_information.continuous_aggregates WHERE view_name = $1""",
+        table,
+    )
+    return str(rows[0][0]) if rows else table
 
 
 def raw_candles(m: Market, day: date, width: str) -> list[tuple[Any, ...]]:
@@ -98,18 +115,83 @@ def stored_candles(m: Market, day: date, table: str) -> list[tuple[Any, ...]]:
     ]
 
 
-def test_ticks_hypertable_applies_policies(market: Market) -> None:
+def test_ticks_hypertable_applies_policies(market: Market, edition: str) -> None:
     m = market
     r = materialize([ticks_hypertable], instance=m.instance, resources=m.resources())
     assert r.success
     md = mat_metadata(r, "ticks_hypertable")
     assert md["rows (approx.)"] > 0 and md["chunks"] > 0 and md["size_bytes"] > 0
-    assert md["license"] == "apache" and md["candle_mode"] == "rollup"
-    assert md["compression"].startswith("unavailable")
+    assert md["license"] == edition
+    assert md["candle_mode"] == ("rollup" if edition == "apache" else "continuous_aggregate")
+    assert md["timescale_policies"].startswith("unavailable" if edition == "apache" else "off")
     assert md["chunk_interval"] == "1:00:00"
     assert md["chunks_analyzed"] >= 0 and "|" in md["sizes"]
-    # The stale rollup windows the processor marked were refreshed by the upkeep.
-    assert md["dirty_windows_left"] == 0
+    # The processor marked the windows of every tick it wrote, on both editions.
+    assert md["dirty_windows"] > 0
+    # Policies off (the default): no TimescaleDB job is scheduled to fail, so the check passes.
+    c = checks(r)[("ticks_hypertable", "timescaledb_jobs_ok")]
+    assert c.passed, c.description
+    assert "| job |" in c.metadata["job_status"].value
+    if edition == "timescale":
+        assert not q(m, "SELECT 1 FROM timescaledb_information.jobs WHERE scheduled")
+
+
+@pytest.mark.timescale_edition
+def test_timescale_policies_on_by_config_and_failing_jobs_reported(market: Market) -> None:
+    m = market
+    on = {"ops": {"ticks_hypertable": {"config": {"timescale_policies": True,
+                                                  "retention_days": 3650}}}}  # fmt: skip
+    r = materialize([ticks_hypertable], instance=m.instance, resources=m.resources(), run_config=on)
+    md = mat_metadata(r, "ticks_hypertable")
+    assert md["timescale_policies"] == (
+        "refresh candles_1m, refresh candles_5m, retention 3650 d, compression after 7 d"
+    )
+    procs = {x[0] for x in q(m, "SELECT proc_name FROM timescaledb_information.jobs"
+                                " WHERE scheduled AND hypertable_name IS NOT NULL")}  # fmt: skip
+    assert procs == {
+        "policy_refresh_continuous_aggregate",
+        "policy_retention",
+        "policy_compression",
+    }
+    # A job that fails, run by TimescaleDB's scheduler: the check names it.
+    q(
+        m,
+        """CREATE OR REPLACE PROCEDURE nadi_test_failing_job(job_id int, config jsonb)
+            LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'nadi test job fails'; END $$""",
+    )
+    (job,) = q(m, "SELECT add_job('nadi_test_failing_job', '1 hour', initial_start => now())")[0]
+    try:
+        deadline = time_mod.monotonic() + 60
+        while not q(m, "SELECT 1 FROM timescaledb_information.job_stats"
+                       " WHERE job_id = $1 AND last_run_status = 'Failed'", job):  # fmt: skip
+            assert time_mod.monotonic() < deadline, "the scheduler did not run the job in 60 s"
+            time_mod.sleep(0.5)
+        r = materialize(
+            [ticks_hypertable], instance=m.instance, resources=m.resources(), run_config=on
+        )
+        c = checks(r)[("ticks_hypertable", "timescaledb_jobs_ok")]
+        assert not c.passed and job in c.metadata["failing_jobs"].value
+        assert f"(job {job})" in (c.description or "")
+    finally:
+        q(m, "SELECT delete_job($1)", job)
+    # Off again (the default): TimescaleDB's policy jobs are gone, its own jobs paused.
+    r = materialize([ticks_hypertable], instance=m.instance, resources=m.resources())
+    assert not q(m, "SELECT 1 FROM timescaledb_information.jobs WHERE scheduled")
+    assert checks(r)[("ticks_hypertable", "timescaledb_jobs_ok")].passed
+
+
+def test_candle_refresh_policy_refreshes_every_marked_window(market: Market) -> None:
+    m = market
+    assert q(m, "SELECT count(*) FROM candle_dirty")[0][0] > 0
+    r = materialize([candle_refresh_policy], instance=m.instance, resources=m.resources())
+    assert r.success
+    md = mat_metadata(r, "candle_refresh_policy")
+    assert md["windows_marked"] > 0 and md["windows_refreshed (instrument x 5 min)"] > 0
+    assert md["dirty_windows_left"] == 0 and md["seconds"] >= 0
+    assert set(md["trading_days"]) == {d.isoformat() for d in m.days}
+    for d in m.days:
+        assert stored_candles(m, d, "candles_1m") == raw_candles(m, d, "1 minute")
+        assert stored_candles(m, d, "candles_5m") == raw_candles(m, d, "5 minutes")
 
 
 def test_retention_drops_only_chunks_past_the_horizon(market: Market) -> None:
@@ -119,12 +201,10 @@ def test_retention_drops_only_chunks_past_the_horizon(market: Market) -> None:
             SELECT 738561, now() - interval '400 days' + s * interval '1 second', s, 100, 'OK'
             FROM generate_series(1, 2) s""")  # fmt: skip
     recent = q(m, "SELECT count(*) FROM ticks WHERE exchange_ts > now() - interval '30 days'")
-    cfg = {"ops": {"ticks_hypertable": {"config": {"retention_days": 365}}}}
-    r = materialize(
-        [ticks_hypertable], instance=m.instance, resources=m.resources(), run_config=cfg
-    )
-    md = mat_metadata(r, "ticks_hypertable")
-    assert md["chunks_dropped"] == 1 and md["retention"].startswith("drop_chunks older than 365")
+    cfg = {"ops": {"ticks_retention": {"config": {"retention_days": 365}}}}
+    r = materialize([ticks_retention], instance=m.instance, resources=m.resources(), run_config=cfg)
+    md = mat_metadata(r, "ticks_retention")
+    assert md["chunks_dropped"] == 1 and md["retention"] == "365 d" and md["seconds"] >= 0
     assert (
         q(m, "SELECT count(*) FROM ticks WHERE exchange_ts < now() - interval '365 days'")[0][0]
         == 0
@@ -132,6 +212,45 @@ def test_retention_drops_only_chunks_past_the_horizon(market: Market) -> None:
     assert (
         q(m, "SELECT count(*) FROM ticks WHERE exchange_ts > now() - interval '30 days'") == recent
     )
+    # Nothing more to drop: a second run is a no-op.
+    r = materialize([ticks_retention], instance=m.instance, resources=m.resources(), run_config=cfg)
+    assert mat_metadata(r, "ticks_retention")["chunks_dropped"] == 0
+
+
+def test_compression_where_licensed(market: Market, edition: str) -> None:
+    m = market
+    q(m, """INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price, last_qty,
+                               status)
+            SELECT 738561, now() - interval '30 days' + s * interval '1 second', s, 100 + s % 7,
+                   s % 5, 'OK'
+            FROM generate_series(1, 500) s""")  # fmt: skip
+    old = "exchange_ts < now() - interval '20 days'"
+    before = q(m, f"SELECT count(*), sum(last_price) FROM ticks WHERE {old}")[0]
+    cfg = {"ops": {"ticks_compression": {"config": {"compress_after_days": 7}}}}
+    r = materialize(
+        [ticks_compression], instance=m.instance, resources=m.resources(), run_config=cfg
+    )
+    md = mat_metadata(r, "ticks_compression")
+    if edition == "apache":
+        assert md["compression"].startswith("unavailable") and md["chunks_compressed"] == 0
+        return
+    assert md["chunks_compressed"] >= 1 and md["bytes_before"] > 0 and md["bytes_after"] > 0
+    assert q(m, """SELECT bool_and(is_compressed) FROM timescaledb_information.chunks
+                   WHERE hypertable_name = 'ticks' AND range_end <= now() - interval '7 days'"""
+             )[0][0]  # fmt: skip
+    # Compressed rows read the same, and a late tick still lands in the compressed chunk.
+    assert q(m, f"SELECT count(*), sum(last_price) FROM ticks WHERE {old}")[0] == before
+    q(
+        m,
+        """INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price, status)
+            VALUES (738561, now() - interval '30 days' + interval '0.5 second', 9999, 1, 'OK')""",
+    )
+    assert q(m, f"SELECT count(*) FROM ticks WHERE {old}")[0][0] == before[0] + 1
+    r = materialize(
+        [ticks_compression], instance=m.instance, resources=m.resources(), run_config=cfg
+    )
+    assert mat_metadata(r, "ticks_compression")["chunks_compressed"] == 0
+    q(m, f"DELETE FROM ticks WHERE {old}")
 
 
 def test_backfill_of_three_partitions_recomputes_candles(market: Market) -> None:
@@ -140,9 +259,15 @@ def test_backfill_of_three_partitions_recomputes_candles(market: Market) -> None
     # Wipe those days' candles with no dirty marks left: only a backfill that marks the day
     # itself can rebuild them.
     start, end = day_bounds(days[0])[0], day_bounds(days[-1])[1]
-    q(m, "DELETE FROM candles_1m WHERE bucket >= $1 AND bucket < $2", start, end)
-    q(m, "DELETE FROM candles_5m WHERE bucket >= $1 AND bucket < $2", start, end)
+    for table in ("candles_1m", "candles_5m"):
+        q(
+            m,
+            f"DELETE FROM {storage_table(m, table)} WHERE bucket >= $1 AND bucket < $2",
+            start,
+            end,
+        )
     assert not q(m, "SELECT 1 FROM candle_dirty LIMIT 1")
+    assert not stored_candles(m, days[0], "candles_1m")
     job = m.defs.get_job_def("candles_job")
     r = job.execute_in_process(
         instance=m.instance,
@@ -164,14 +289,19 @@ def test_backfill_of_three_partitions_recomputes_candles(market: Market) -> None
     assert c[("candles_5m", "matches_raw_ticks")].passed
 
 
-def test_candle_check_fails_on_a_difference(market: Market) -> None:
+def test_candle_check_fails_on_a_difference(market: Market, edition: str) -> None:
     m = market
     d = m.days[1]
-    start = day_bounds(d)[0]
-    row = q(m, "SELECT instrument_token, bucket FROM candles_1m WHERE bucket >= $1 LIMIT 1", start)[
-        0
-    ]
-    q(m, "UPDATE candles_1m SET high = high + 1 WHERE instrument_token = $1 AND bucket = $2", *row)
+    start, end = day_bounds(d)
+    row = q(
+        m,
+        "SELECT instrument_token, bucket FROM candles_1m WHERE bucket >= $1 AND bucket < $2"
+        " ORDER BY bucket, instrument_token LIMIT 1",
+        start,
+        end,
+    )[0]
+    q(m, f"UPDATE {storage_table(m, 'candles_1m')} SET high = high + 1"
+         " WHERE instrument_token = $1 AND bucket = $2", *row)  # fmt: skip
     # An incremental refresh recomputes nothing (no dirty marks): the check sees the damage...
     r = materialize(
         [candles], instance=m.instance, resources=m.resources(), partition_key=partition_key(d),
@@ -179,13 +309,17 @@ def test_candle_check_fails_on_a_difference(market: Market) -> None:
     )  # fmt: skip
     c = checks(r)
     assert not c[("candles_1m", "matches_raw_ticks")].passed
-    assert c[("candles_5m", "matches_raw_ticks")].passed
+    # The hierarchical 5m aggregate sees the damaged 1m row as a change and rolls it up (the
+    # Apache rollup recomputes 5m only with its 1m windows).
+    assert c[("candles_5m", "matches_raw_ticks")].passed == (edition == "apache")
     # ... and a full refresh (the default, what a backfill runs) repairs it.
     r = materialize(
         [candles], instance=m.instance, resources=m.resources(), partition_key=partition_key(d)
     )
     assert checks(r)[("candles_1m", "matches_raw_ticks")].passed
+    assert checks(r)[("candles_5m", "matches_raw_ticks")].passed
     assert stored_candles(m, d, "candles_1m") == raw_candles(m, d, "1 minute")
+    assert stored_candles(m, d, "candles_5m") == raw_candles(m, d, "5 minutes")
 
 
 def sensor_ctx(m: Market) -> Any:

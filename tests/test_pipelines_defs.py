@@ -23,6 +23,7 @@ from pipelines.definitions import build_definitions, defs
 from pipelines.launch import dagster_config, platform_components
 from pipelines.partitions import build_trading_day_partitions, day_bounds, partition_key
 from pipelines.schedules import (
+    candle_refresh_schedule,
     candles_intraday_schedule,
     eod_reconciliation_schedule,
     last_trading_day,
@@ -40,9 +41,10 @@ def test_definitions_load_and_validate() -> None:
         for k in repo.asset_graph.get_all_asset_keys()
     }
     assert groups == {
-        "ticks_hypertable": "storage", "ticks": "storage", "candles_1m": "aggregates",
-        "candles_5m": "aggregates", "gap_repair": "quality", "eod_reconciliation": "quality",
-        "ticks_replay": "replay",
+        "ticks_hypertable": "storage", "ticks": "storage", "ticks_retention": "storage",
+        "ticks_compression": "storage", "candles_1m": "aggregates", "candles_5m": "aggregates",
+        "candle_refresh_policy": "aggregates", "gap_repair": "quality",
+        "eod_reconciliation": "quality", "ticks_replay": "replay",
     }  # fmt: skip
     g = repo.asset_graph
     # Lineage: repairs feed candles; both read ticks.
@@ -53,21 +55,41 @@ def test_definitions_load_and_validate() -> None:
     assert {p.to_user_string() for p in g.get(AssetKey("candles_5m")).parent_keys} == {"candles_1m"}
     assert {j.name for j in repo.get_all_jobs()} >= {
         "storage_job", "candles_job", "gap_repair_job", "eod_reconciliation_job", "replay_job",
-        "gap_repair_off_calendar_job",
+        "gap_repair_off_calendar_job", "candle_refresh_job",
     }  # fmt: skip
     assert {s.name for s in repo.schedule_defs} == {
         "candles_intraday_schedule", "eod_reconciliation_schedule", "replay_nightly_schedule",
-        "storage_maintenance_schedule",
+        "storage_maintenance_schedule", "candle_refresh_schedule",
     }  # fmt: skip
     assert {s.name for s in repo.sensor_defs} == {"gap_repair_sensor"}
     assert {(k.asset_key.to_user_string(), k.name) for k in g.asset_check_keys} == {
         ("candles_1m", "matches_raw_ticks"), ("candles_5m", "matches_raw_ticks"),
         ("gap_repair", "all_gaps_closed"), ("eod_reconciliation", "matches_bhavcopy"),
+        ("ticks_hypertable", "timescaledb_jobs_ok"),
     }  # fmt: skip
     eod_check = next(k for k in g.asset_check_keys if k.name == "matches_bhavcopy")
     assert g.get_check_spec(eod_check).blocking
-    for a in ("ticks_hypertable", "candles_1m", "eod_reconciliation", "ticks_replay"):
+    for a in ("ticks_hypertable", "candles_1m", "eod_reconciliation", "ticks_replay",
+              "ticks_retention", "ticks_compression", "candle_refresh_policy"):  # fmt: skip
         assert len(g.get(AssetKey(a)).description or "") > 60  # reads well in the UI
+    # The storage policies run in the daily storage job, and Dagster retries each of them.
+    storage = repo.get_job("storage_job")
+    assert {k.to_user_string() for k in storage.asset_layer.executable_asset_keys} == {
+        "ticks_hypertable", "ticks_retention", "ticks_compression", "candle_refresh_policy"
+    }  # fmt: skip
+    for a in ("ticks_hypertable", "ticks_retention", "ticks_compression",
+              "candle_refresh_policy", "candles_1m"):  # fmt: skip
+        node = defs.get_assets_def(AssetKey(a)).op
+        assert node.retry_policy is not None and node.retry_policy.max_retries >= 2, a
+
+
+def test_candle_refresh_schedule_runs_every_ten_minutes_any_day() -> None:
+    assert candle_refresh_schedule.cron_schedule == "*/10 * * * *"
+    for when in (
+        datetime(2025, 3, 15, 3, 10, tzinfo=IST),
+        datetime(2025, 3, 13, 11, 0, tzinfo=IST),
+    ):
+        assert isinstance(candle_refresh_schedule(_ctx(when)), RunRequest)
 
 
 def test_definitions_take_settings() -> None:
