@@ -247,8 +247,10 @@ class BatchProcessor:
         state = await load_state(self.pool, keys)
         for c in await self.ring.check(state):
             if c.outcome == AHEAD:
-                log.warning(
-                    "ring ahead of the database (restored from an older dump?); kept",
+                # Normal after a crash (the ring is written first); also a database restored
+                # from an older dump. Kept: the bitmap keeps redelivered ticks out.
+                log.info(
+                    "ring ahead of the database; kept",
                     instrument_token=c.token,
                     day=c.day,
                     db_last=state.get((c.token, c.day)),
