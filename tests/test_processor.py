@@ -348,6 +348,7 @@ async def test_redis_older_than_the_database(
     await r.flushdb()
     if fault == "older_snapshot":  # Redis restarted from an RDB snapshot taken earlier
         for k, v in snapshot.items():
+            assert v is not None
             await r.restore(k, 0, v)
     await r.aclose()
     reason = "ring_behind" if fault == "older_snapshot" else "ring_lost"
