@@ -24,15 +24,16 @@ import functools
 import gc
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import start_http_server
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
 from nadi import metrics
 from nadi.codec import Rejected
@@ -47,6 +48,7 @@ from streaming.processor.crash import CrashPoints
 from streaming.processor.sinks import Abandoned, Flow, Sink
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -160,7 +162,11 @@ class MarketDataProcessor:
     async def run(self) -> None:
         """Consume until :meth:`stop` (or SIGTERM/SIGINT when installed) is called."""
         s = self.s
-        pool = await create_pool(s, min_size=1, max_size=3, init=init_connection)
+        # A database that is down or restarting at start-up is waited for, not fatal: a worker
+        # respawned during a PostgreSQL restart used to exit here, leaving the group empty.
+        pool = await self._starting(
+            "pool", lambda: create_pool(s, min_size=1, max_size=3, init=init_connection)
+        )
         redis_client = aioredis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5)
         producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
@@ -180,15 +186,17 @@ class MarketDataProcessor:
         self._consumer = consumer
         db: Sink[DbPart, WriteResult] | None = None
         ring_sink: Sink[RingPart, list[str | None]] | None = None
-        await producer.start()
+        await self._starting("kafka producer", producer.start)
         try:
-            keys = await RedisKeys.load(pool)
+            keys = await self._starting("redis keys", lambda: RedisKeys.load(pool))
             await self._claim_redis(redis_client, keys)
             ring = RingWriter(redis_client, keys, maxlen=s.ring_maxlen, ttl_s=s.dedup_ttl_s)
             # Both editions mark candle windows: the API merges the raw tail of marked windows
             # (issue 9), and a continuous aggregate's watermark misses late ticks.
             self.processor = processor = BatchProcessor(s, pool, ring, producer, mark_dirty=True)
-            processor.known_tokens = await self._known_tokens(pool)
+            processor.known_tokens = await self._starting(
+                "instruments", lambda: self._known_tokens(pool)
+            )
             self.flow = flow = Flow(consumer, self.stop_event)
             crash = self.crash
             db = Sink(
@@ -208,7 +216,7 @@ class MarketDataProcessor:
                 after_write=None if crash is None else lambda _: crash.reach("after_ring_write"),
             )
             consumer.subscribe([self.topic], listener=_Rebalance(self))
-            await consumer.start()
+            await self._starting("kafka consumer", consumer.start)
             log.info("processor started", topic=self.topic, group=s.group_id, redis_ns=keys.db_id)
             try:
                 await self._loop(consumer, processor, flow, db, ring_sink, pool)
@@ -296,7 +304,9 @@ class MarketDataProcessor:
             if time.monotonic() - last_refresh > 60:
                 last_refresh = time.monotonic()
                 with contextlib.suppress(Exception):
-                    processor.known_tokens = await self._known_tokens(pool)
+                    processor.known_tokens = await self._starting(
+                        "instruments", lambda: self._known_tokens(pool)
+                    )
 
     def _start(
         self,
@@ -406,6 +416,23 @@ class MarketDataProcessor:
                 hw = consumer.highwater(tp)
                 if hw is not None:
                     metrics.LAG.labels(partition=str(tp.partition)).set(max(0, hw - offset))
+
+    async def _starting(self, step: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """A start-up step, retried with backoff until it succeeds or the worker stops."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("start-up step failed; retrying", step=step, error=repr(error)[:300])
+
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(multiplier=0.2, max=5, jitter=0.2),
+            stop=lambda _: self.stop_event.is_set(),
+            before_sleep=before_sleep,
+            reraise=True,
+        ):
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: tenacity either returns or raises")
 
     @staticmethod
     async def _claim_redis(client: aioredis.Redis, keys: RedisKeys) -> None:
