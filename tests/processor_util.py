@@ -66,6 +66,7 @@ def spawn_worker(
         "NADI_TOPIC_DLQ": settings.topic_dlq,
         "NADI_GROUP_ID": settings.group_id,
         "NADI_METRICS_PORT": "0",
+        "NADI_BATCH_MAX_RECORDS": str(settings.batch_max_records),
     }
     env.pop("NADI_FAULT", None)
     if fault is not None:

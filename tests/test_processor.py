@@ -379,3 +379,28 @@ async def test_database_refuses_a_batch_classified_against_a_stale_state(
     assert rows == dict.fromkeys(range(1, 11), "OK"), "no false gap, no false STALE"
     assert await pg.fetchval("SELECT count(*) FROM sequence_gaps") == 0
     assert _metric("nadi_ingest_state_moved_total") == moved + 1
+
+
+async def test_killed_after_the_database_commit_the_ring_takes_no_tick_twice(
+    env: Settings, pg: asyncpg.Connection, tmp_path: Any
+) -> None:
+    """The CI failure of issue 8 ("ring ... is not the tail of its ticks"): after a crash,
+    redelivered ticks and their feed-B copies are LATE against the database's state; the
+    ring's appended-sequence bitmap keeps every one of them out (it used to re-append those
+    that had gone in in order)."""
+    from tests.processor_util import spawn_worker
+
+    feed = Feed(tokens=TOKENS, n=12_000, dup_rate=0.3, gap_rate=0.005, reorder_rate=0.01, seed=9)
+    produce(env.kafka_bootstrap, env.topic_ticks, feed.messages())
+    log = str(tmp_path / "worker.log")
+    small = env.model_copy(update={"batch_max_records": 1000})  # several commits to crash at
+    first = spawn_worker(small, log, fault="after_db_commit:2")
+    assert await asyncio.to_thread(first.wait, 60) == -9, "the crash point was not reached"
+    assert 0 < await pg.fetchval("SELECT count(*) FROM ticks") < len(feed.unique)
+    second = spawn_worker(small, log)
+    try:
+        await wait_caught_up(env.kafka_bootstrap, env.group_id, env.topic_ticks, timeout_s=60)
+    finally:
+        second.terminate()
+        assert await asyncio.to_thread(second.wait, 30) == 0
+    await _assert_exact(env, pg, feed)
