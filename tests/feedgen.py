@@ -31,17 +31,21 @@ def msg(t: Tick, feed: str | None = None) -> tuple[bytes, bytes]:
 @dataclass
 class Feed:
     """``n`` ticks over ``tokens``; each valid tick is sent on feed A and, with ``dup_rate``,
-    again on feed B a few messages later; ``gap_rate`` drops a sequence on both feeds."""
+    again on feed B a few messages later; ``gap_rate`` drops a sequence on both feeds;
+    ``reorder_rate`` holds a tick back until a few later messages went (it fills the gap it
+    opened: stored RECOVERED)."""
 
     tokens: list[int]
     n: int
     dup_rate: float = 0.3
     gap_rate: float = 0.0
+    reorder_rate: float = 0.0
     bad_every: int = 0
     seed: int = 7
     start_ns: int = field(default_factory=lambda: time.time_ns() - 3600 * NS)
     unique: set[tuple[int, int, int]] = field(default_factory=set)  # (token, seq, ts_us)
     dropped: dict[int, list[int]] = field(default_factory=dict)
+    reordered: set[tuple[int, int]] = field(default_factory=set)  # (token, seq)
 
     def messages(self) -> list[tuple[bytes | None, bytes]]:
         rng = random.Random(self.seed)
@@ -58,9 +62,15 @@ class Feed:
                 continue
             t = tick(token, seq, ts, price=round(100 + rng.random() * 5, 2), qty=rng.randint(1, 50))
             self.unique.add((token, seq, ts // 1000))
+            if self.reorder_rate and rng.random() < self.reorder_rate:
+                self.reordered.add((token, seq))
+                pending_b.append((i + rng.randint(2, 6), msg(t, "A")))
+                pending_b.sort(key=lambda p: p[0])
+                continue
             out.append(msg(t, "A"))
             if rng.random() < self.dup_rate:
                 pending_b.append((i + rng.randint(1, 5), msg(t, "B")))
+                pending_b.sort(key=lambda p: p[0])
             while pending_b and pending_b[0][0] <= i:
                 out.append(pending_b.pop(0)[1])
             if self.bad_every and i % self.bad_every == 0:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import redis.asyncio as aioredis
 
+from nadi.redis_keys import RedisKeys
 from nadi.settings import Settings
 from streaming.processor.worker import MarketDataProcessor
 from tests.kafka_util import create_topic
@@ -32,7 +33,9 @@ async def private_settings(settings: Settings, partitions: int = 4) -> Settings:
 
 
 async def reset_state(pg: asyncpg.Connection, settings: Settings) -> None:
-    await pg.execute("TRUNCATE ticks, sequence_gaps, candle_dirty, candles_1m, candles_5m")
+    await pg.execute(
+        "TRUNCATE ticks, sequence_gaps, candle_dirty, candles_1m, candles_5m, ingest_state"
+    )
     r = aioredis.from_url(settings.redis_url)
     await r.flushdb()
     await r.aclose()
@@ -49,7 +52,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[MarketDataProcesso
         await asyncio.wait_for(task, 60)
 
 
-def spawn_worker(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    settings: Settings, log_path: str, *, fault: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``nadi process`` subprocess; ``fault`` ("<crash point>:<n>", see
+    streaming/processor/crash.py) makes it SIGKILL itself there."""
     env = {
         **os.environ,
         "NADI_PG_DSN": settings.pg_dsn,
@@ -59,7 +66,11 @@ def spawn_worker(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
         "NADI_TOPIC_DLQ": settings.topic_dlq,
         "NADI_GROUP_ID": settings.group_id,
         "NADI_METRICS_PORT": "0",
+        "NADI_BATCH_MAX_RECORDS": str(settings.batch_max_records),
     }
+    env.pop("NADI_FAULT", None)
+    if fault is not None:
+        env["NADI_FAULT"] = fault
     out = open(log_path, "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "nadi", "process"], env=env, stdout=out, stderr=out
@@ -71,3 +82,12 @@ async def stored(pg: asyncpg.Connection) -> set[tuple[int, int, int]]:
         "SELECT instrument_token, sequence_id, (extract(epoch FROM exchange_ts) * 1000000)::bigint FROM ticks"
     )
     return {(r[0], r[1], r[2]) for r in rows}
+
+
+async def redis_keys(settings: Settings | None = None) -> RedisKeys:
+    """The Redis key names of the test database (``Settings()`` by default)."""
+    conn = await asyncpg.connect((settings or Settings()).pg_dsn)
+    try:
+        return await RedisKeys.load(conn)
+    finally:
+        await conn.close()

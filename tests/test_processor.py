@@ -12,13 +12,18 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from nadi.redis_keys import LIVE_STREAM
 from nadi.ring import decode_live_entry
 from nadi.settings import Settings
 from nadi.tick import NS
 from tests.feedgen import Feed, msg, tick
 from tests.kafka_util import produce, read_all, wait_caught_up
-from tests.processor_util import private_settings, reset_state, running_worker, stored
+from tests.processor_util import (
+    private_settings,
+    redis_keys,
+    reset_state,
+    running_worker,
+    stored,
+)
 
 T1, T2, T3 = 738561, 408065, 2953217
 
@@ -45,7 +50,7 @@ async def test_feed_duplicates_become_one_row(env: Settings, pg: asyncpg.Connect
     assert await pg.fetchval("SELECT count(*) FROM sequence_gaps") == 0
     # The live fan-out carried each tick once, with ring offsets increasing per instrument.
     r = aioredis.from_url(env.redis_url)
-    entries: Any = await r.xrange(LIVE_STREAM)
+    entries: Any = await r.xrange((await redis_keys(env)).live)
     live = [e for _, fields in entries for e in decode_live_entry(fields)]
     await r.aclose()
     assert sorted((e.t.instrument_token, e.t.sequence_id) for e in live) == sorted(
@@ -137,7 +142,7 @@ async def reset_redis(s: Settings) -> None:
 
 async def _ring(s: Settings, token: int) -> list[tuple[int, str]]:
     r = aioredis.from_url(s.redis_url)
-    entries: Any = await r.xrange(f"nadi:ring:{token}")
+    entries: Any = await r.xrange((await redis_keys(s)).ring(token))
     await r.aclose()
     out = []
     for _, f in entries:
@@ -173,7 +178,7 @@ async def test_ring_stays_a_tail_of_what_is_stored_after_redis_loses_its_keys(
         9: "OK",
     }
     r = aioredis.from_url(env.redis_url)
-    entries: Any = await r.xrange(LIVE_STREAM)
+    entries: Any = await r.xrange((await redis_keys(env)).live)
     await r.aclose()
     live = [(e.t.sequence_id, e.t.status) for _, f in entries for e in decode_live_entry(f)]
     assert live == [(8, "STALE"), (9, "OK"), (7, "RECOVERED")]
@@ -243,3 +248,159 @@ async def test_two_workers_split_partitions_with_the_same_result(
     missing = await pg.fetchval("SELECT coalesce(sum(to_seq - from_seq + 1), 0) FROM sequence_gaps")
     # Gaps at the very end of a token's stream are not visible yet (no later tick).
     assert 0 < missing <= expected_gaps
+
+
+# ---- state that cannot outlive its database (DESIGN.md section 9) ---------------------------
+
+TOKENS = [T1, T2, T3, 341249]
+
+
+def _metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _assert_exact(s: Settings, pg: asyncpg.Connection, feed: Feed) -> None:
+    """Every tick once, gaps exactly the dropped sequences, one STALE per gap, and each ring a
+    duplicate-free tail of its stored ticks."""
+    assert await stored(pg) == feed.unique
+    assert await pg.fetchval("SELECT count(*) FROM ticks") == len(feed.unique)
+    gaps = await pg.fetch("SELECT instrument_token, from_seq, to_seq, status FROM sequence_gaps")
+    holes = {(g[0], q) for g in gaps if g[3] == "open" for q in range(g[1], g[2] + 1)}
+    last = {t: max(q for tok, q, _ in feed.unique if tok == t) for t in TOKENS}
+    dropped = {(t, q) for t, qs in feed.dropped.items() for q in qs if q < last[t]}
+    stored_seqs = {(tok, q) for tok, q, _ in feed.unique}
+    assert holes - stored_seqs == dropped, "no false gap, no missed gap"
+    repaired = {(g[0], q) for g in gaps if g[3] == "repaired" for q in range(g[1], g[2] + 1)}
+    assert repaired <= feed.reordered
+    assert await pg.fetchval("SELECT count(*) FROM ticks WHERE status = 'STALE'") == len(gaps)
+    for token in TOKENS:
+        seqs = [q for q, _ in await _ring(s, token)]
+        assert len(seqs) == len(set(seqs)), f"ring of {token} has duplicates"
+        expected = sorted(q for tok, q, _ in feed.unique if tok == token)
+        assert sorted(seqs) == expected[len(expected) - len(seqs) :], f"ring of {token}"
+
+
+async def test_fresh_database_with_redis_full_of_another_databases_state(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
+    feed = Feed(tokens=TOKENS, n=3000, dup_rate=0.3, gap_rate=0.01, reorder_rate=0.02, seed=3)
+    messages = feed.messages()
+    await _run(env, messages)
+    await _assert_exact(env, pg, feed)
+    # The database is replaced by a fresh one (a new identity, no rows) while Redis keeps the
+    # old database's rings, and the old un-namespaced layout is there too.
+    r = aioredis.from_url(env.redis_url)
+    await r.set("nadi:live", b"x")
+    await r.aclose()
+    await pg.execute("TRUNCATE ticks, sequence_gaps, candle_dirty, ingest_state")
+    await pg.execute("UPDATE nadi_instance SET id = gen_random_uuid()")
+    other = _metric("nadi_redis_state_discarded_total", reason="other_database")
+    legacy = _metric("nadi_redis_state_discarded_total", reason="legacy_keys")
+    again = env.model_copy(update={"group_id": env.group_id + "-b"})  # the topic from the start
+    async with running_worker(again):
+        await wait_caught_up(again.kafka_bootstrap, again.group_id, again.topic_ticks)
+    await _assert_exact(again, pg, feed)
+    assert _metric("nadi_redis_state_discarded_total", reason="other_database") == other + 1
+    assert _metric("nadi_redis_state_discarded_total", reason="legacy_keys") == legacy + 1
+
+
+async def test_database_restored_from_a_dump_taken_mid_stream(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
+    feed = Feed(tokens=TOKENS, n=4000, dup_rate=0.3, gap_rate=0.01, reorder_rate=0.02, seed=4)
+    messages = feed.messages()
+    half = len(messages) // 2
+    await _run(env, messages[:half])
+    tables = ("ticks", "sequence_gaps", "ingest_state")
+    for t in tables:  # the dump: a consistent copy of the data, identity included
+        await pg.execute(f"CREATE TABLE dump_{t} AS SELECT * FROM {t}")
+    await _run(env, messages[half:])
+    try:
+        async with pg.transaction():  # the restore
+            await pg.execute("TRUNCATE ticks, sequence_gaps, ingest_state")
+            for t in tables:
+                await pg.execute(f"INSERT INTO {t} SELECT * FROM dump_{t}")
+    finally:
+        for t in tables:
+            await pg.execute(f"DROP TABLE dump_{t}")
+    assert await pg.fetchval("SELECT count(*) FROM ticks") < len(feed.unique)
+    # Offsets reset to before the dump (a new group reads from the start); Redis is newer than
+    # the database: its rings are kept and take nothing twice.
+    again = env.model_copy(update={"group_id": env.group_id + "-b"})
+    async with running_worker(again):
+        await wait_caught_up(again.kafka_bootstrap, again.group_id, again.topic_ticks)
+    await _assert_exact(again, pg, feed)
+
+
+@pytest.mark.parametrize("fault", ["older_snapshot", "flushed"])
+async def test_redis_older_than_the_database(
+    env: Settings, pg: asyncpg.Connection, fault: str
+) -> None:
+    feed = Feed(tokens=TOKENS, n=4500, dup_rate=0.3, gap_rate=0.01, seed=5)
+    messages = feed.messages()
+    third = len(messages) // 3
+    await _run(env, messages[:third])
+    r = aioredis.from_url(env.redis_url)
+    snapshot = {k: await r.dump(k) for k in await r.keys("*")}
+    await _run(env, messages[third : 2 * third])
+    await r.flushdb()
+    if fault == "older_snapshot":  # Redis restarted from an RDB snapshot taken earlier
+        for k, v in snapshot.items():
+            assert v is not None
+            await r.restore(k, 0, v)
+    await r.aclose()
+    reason = "ring_behind" if fault == "older_snapshot" else "ring_lost"
+    before = _metric("nadi_redis_state_discarded_total", reason=reason)
+    await _run(env, messages[2 * third :])
+    await _assert_exact(env, pg, feed)
+    assert _metric("nadi_redis_state_discarded_total", reason=reason) >= before + len(TOKENS)
+
+
+async def test_database_refuses_a_batch_classified_against_a_stale_state(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
+    from nadi.db.tick_writer import init_connection, write_batch
+
+    t0 = time.time_ns() - 60 * NS
+    t = {q: tick(T1, q, t0 + q * 1000) for q in range(1, 11)}
+    day = t[1].trading_day_ordinal
+    moved = _metric("nadi_ingest_state_moved_total")
+    produce(env.kafka_bootstrap, env.topic_ticks, [msg(t[q]) for q in range(1, 6)])
+    async with running_worker(env):
+        await wait_caught_up(env.kafka_bootstrap, env.group_id, env.topic_ticks)
+        # Another writer (a zombie, say) stores 6..8 behind the worker's back.
+        await init_connection(pg)
+        await write_batch(pg, [t[6], t[7], t[8]], [day] * 3, ["OK"] * 3, [], mark_dirty=True)
+        produce(env.kafka_bootstrap, env.topic_ticks, [msg(t[9]), msg(t[10])])
+        await wait_caught_up(env.kafka_bootstrap, env.group_id, env.topic_ticks)
+    rows = dict(await pg.fetch("SELECT sequence_id, status FROM ticks"))
+    assert rows == dict.fromkeys(range(1, 11), "OK"), "no false gap, no false STALE"
+    assert await pg.fetchval("SELECT count(*) FROM sequence_gaps") == 0
+    assert _metric("nadi_ingest_state_moved_total") == moved + 1
+
+
+async def test_killed_after_the_database_commit_the_ring_takes_no_tick_twice(
+    env: Settings, pg: asyncpg.Connection, tmp_path: Any
+) -> None:
+    """The CI failure of issue 8 ("ring ... is not the tail of its ticks"): after a crash,
+    redelivered ticks and their feed-B copies are LATE against the database's state; the
+    ring's appended-sequence bitmap keeps every one of them out (it used to re-append those
+    that had gone in in order)."""
+    from tests.processor_util import spawn_worker
+
+    feed = Feed(tokens=TOKENS, n=12_000, dup_rate=0.3, gap_rate=0.005, reorder_rate=0.01, seed=9)
+    produce(env.kafka_bootstrap, env.topic_ticks, feed.messages())
+    log = str(tmp_path / "worker.log")
+    small = env.model_copy(update={"batch_max_records": 1000})  # several commits to crash at
+    first = spawn_worker(small, log, fault="after_db_commit:2")
+    assert await asyncio.to_thread(first.wait, 60) == -9, "the crash point was not reached"
+    assert 0 < await pg.fetchval("SELECT count(*) FROM ticks") < len(feed.unique)
+    second = spawn_worker(small, log)
+    try:
+        await wait_caught_up(env.kafka_bootstrap, env.group_id, env.topic_ticks, timeout_s=60)
+    finally:
+        second.terminate()
+        assert await asyncio.to_thread(second.wait, 30) == 0
+    await _assert_exact(env, pg, feed)
