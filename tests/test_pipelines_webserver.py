@@ -90,7 +90,8 @@ def test_webserver_serves_the_code_location(migrated: Settings, tmp_path: Path) 
         assert assets == {
             "ticks_hypertable": "storage", "ticks": "storage", "candles_1m": "aggregates",
             "candles_5m": "aggregates", "gap_repair": "quality", "eod_reconciliation": "quality",
-            "ticks_replay": "replay",
+            "ticks_replay": "replay", "ticks_retention": "storage", "ticks_compression": "storage",
+            "candle_refresh_policy": "aggregates",
         }  # fmt: skip
         jobs = {j["name"] for j in repo["jobs"]}
         assert {"candles_job", "gap_repair_job", "eod_reconciliation_job", "replay_job",
@@ -98,6 +99,7 @@ def test_webserver_serves_the_code_location(migrated: Settings, tmp_path: Path) 
         schedules = {s["name"]: s["executionTimezone"] for s in repo["schedules"]}
         assert schedules == {
             "candles_intraday_schedule": "Asia/Kolkata",
+            "candle_refresh_schedule": "Asia/Kolkata",
             "eod_reconciliation_schedule": "Asia/Kolkata",
             "replay_nightly_schedule": "Asia/Kolkata",
             "storage_maintenance_schedule": "Asia/Kolkata",

@@ -21,7 +21,7 @@ from infra.postgres import Postgres
 from nadi.settings import Settings
 from tests.feedgen import Feed
 from tests.kafka_util import produce, wait_caught_up
-from tests.processor_util import private_settings, reset_state, spawn_worker, stored
+from tests.processor_util import private_settings, redis_keys, reset_state, spawn_worker, stored
 
 pytestmark = pytest.mark.slow
 TOKENS = [738561, 408065, 2953217, 341249, 1270529, 779521, 424961, 2714625, 60417, 225537]
@@ -101,9 +101,10 @@ async def _scenario(
     import redis.asyncio as aioredis
 
     r = aioredis.from_url(s.redis_url)
+    keys = await redis_keys(s)
     ring_dups = 0
     for token in TOKENS:
-        entries: Any = await r.xrange(f"nadi:ring:{token}")
+        entries: Any = await r.xrange(keys.ring(token))
         seqs = [msgspec.json.decode(f[b"d"])["sequence_id"] for _, f in entries]
         ring_dups += len(seqs) - len(set(seqs))
         expected = sorted(q for tok, q, _ in feed.unique if tok == token)[-len(seqs) :]
