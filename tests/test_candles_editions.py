@@ -30,8 +30,7 @@ from nadi.db.migrate import run_migrations
 from nadi.settings import Settings
 from nadi.tick import Tick
 from pipelines.assets.candles import refresh_marked
-from tests.conftest import EDITIONS
-from tests.editions import on_edition
+from tests.editions import EDITIONS, on_edition
 from tests.kafka_util import produce, wait_caught_up
 from tests.processor_util import private_settings, reset_state, running_worker
 from tests.rest_util import EPOCH, Row, client, random_rows

@@ -16,8 +16,7 @@ import pytest
 
 from nadi.db.migrate import MIGRATIONS_DIR, MigrationError, discover, plan, run_migrations
 from nadi.settings import Settings
-from tests.conftest import EDITIONS
-from tests.editions import on_edition
+from tests.editions import EDITIONS, on_edition
 
 REPO = Path(__file__).resolve().parent.parent
 
