@@ -6,8 +6,15 @@ import asyncio
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from confluent_kafka import Consumer, TopicPartition
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as RdKafkaError
+from tenacity import (
+    retry,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from nadi.settings import Settings
 
@@ -53,6 +60,34 @@ async def ensure_topics(s: Settings) -> dict[str, int]:
         await admin.close()
 
 
+_COORDINATOR_NOT_READY = frozenset(
+    (
+        RdKafkaError.NOT_COORDINATOR,
+        RdKafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        RdKafkaError.COORDINATOR_NOT_AVAILABLE,
+    )
+)
+
+
+def _retriable(e: BaseException) -> bool:
+    if not isinstance(e, KafkaException):
+        return False
+    err = e.args[0]
+    return bool(err.retriable()) or err.code() in _COORDINATOR_NOT_READY
+
+
+# A new broker answers NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS (retriable errors) until
+# it has loaded __consumer_offsets: wait for it rather than fail the caller.
+@retry(
+    retry=retry_if_exception(_retriable),
+    stop=stop_after_delay(60),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    reraise=True,
+)
+def _committed(c: Consumer, tps: list[TopicPartition]) -> list[TopicPartition]:
+    return list(c.committed(tps, timeout=10))
+
+
 def group_offsets(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int], dict[int, int]]:
     """(end offsets, offsets committed by ``group``; negative where none) per partition of
     ``topic``. Blocking (librdkafka): call it from a thread in async code."""
@@ -61,7 +96,7 @@ def group_offsets(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int
         parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
         tps = [TopicPartition(topic, p) for p in parts]
         ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
-        done = {tp.partition: tp.offset for tp in c.committed(tps, timeout=10)}
+        done = {tp.partition: tp.offset for tp in _committed(c, tps)}
         return ends, done
     finally:
         c.close()
