@@ -32,7 +32,7 @@ os.environ.setdefault("NADI_METRICS_PORT", "0")
 
 from nadi.db.migrate import run_migrations
 from nadi.settings import Settings
-from tests.editions import APACHE, EDITIONS, TIMESCALE, edition_of, on_edition
+from tests.editions import APACHE, EDITIONS, TIMESCALE, edition_of, fresh_database, on_edition
 
 _MARKERS = {
     "both_editions": "run on each TimescaleDB edition (apache, and timescale when built)",
@@ -91,21 +91,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
-def _admin_dsn(s: Settings) -> str:
-    return s.pg_dsn.rsplit("/", 1)[0] + "/postgres"
-
-
 async def _recreate_database(s: Settings) -> None:
     try:
-        conn = await asyncpg.connect(_admin_dsn(s), timeout=5)
+        await fresh_database(s)
     except (OSError, asyncpg.PostgresError) as e:
         cmd = "nadi services up" + (" --timescale-edition" if edition_of(s) == TIMESCALE else "")
         pytest.fail(f"PostgreSQL at {s.pg_host}:{s.pg_port} is not reachable ({e}); run `{cmd}`")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{s.pg_database}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{s.pg_database}"')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")

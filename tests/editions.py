@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import asyncpg
+
 from infra.timescale_edition import SourceMissing, require_source
 from nadi.settings import Settings, on_port
 
@@ -45,6 +47,21 @@ def on_edition(settings: Settings, edition: str) -> Settings:
             if (urlsplit(value).port or 5432) == settings.pg_port:
                 moved[name] = on_port(value, settings.pg_tsl_port)
     return settings.model_copy(update=moved)
+
+
+async def fresh_database(settings: Settings, name: str | None = None) -> Settings:
+    """Drop and create the database ``name`` (default: that of ``settings.pg_dsn``) on the
+    cluster of ``settings.pg_dsn``; returns ``settings`` pointing at it. Raises OSError or
+    asyncpg.PostgresError when the cluster is not reachable."""
+    base = settings.pg_dsn.rsplit("/", 1)[0]
+    name = name or settings.pg_database
+    admin = await asyncpg.connect(base + "/postgres", timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return settings.model_copy(update={"pg_dsn": f"{base}/{name}"})
 
 
 def edition_of(settings: Settings) -> str:

@@ -30,7 +30,7 @@ from nadi.db.migrate import run_migrations
 from nadi.settings import Settings
 from nadi.tick import Tick
 from pipelines.assets.candles import refresh_marked
-from tests.editions import EDITIONS, on_edition
+from tests.editions import EDITIONS, fresh_database, on_edition
 from tests.kafka_util import produce, wait_caught_up
 from tests.processor_util import private_settings, reset_state, running_worker
 from tests.rest_util import EPOCH, Row, client, random_rows
@@ -186,14 +186,7 @@ async def _scenario(e: _Edition, edition: str) -> None:
 
 async def _run_on(settings: Settings, edition: str) -> list[bytes]:
     s = on_edition(settings, edition)
-    name = f"{s.pg_database}_candles"
-    admin = await asyncpg.connect(s.pg_dsn.rsplit("/", 1)[0] + "/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    s = s.model_copy(update={"pg_dsn": s.pg_dsn.rsplit("/", 1)[0] + f"/{name}"})
+    s = await fresh_database(s, f"{s.pg_database}_candles")
     await run_migrations(s)
     s = await private_settings(s, partitions=2)
     # The days are in the past: lift the ingest age limit (DESIGN.md 4) for this worker.

@@ -16,32 +16,22 @@ import pytest
 
 from nadi.db.migrate import MIGRATIONS_DIR, MigrationError, discover, plan, run_migrations
 from nadi.settings import Settings
-from tests.editions import EDITIONS, on_edition
+from tests.editions import EDITIONS, fresh_database, on_edition
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-async def _fresh(s: Settings, name: str) -> Settings:
-    admin = await asyncpg.connect(s.pg_dsn.rsplit("/", 1)[0] + "/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return s.model_copy(update={"pg_dsn": s.pg_dsn.rsplit("/", 1)[0] + f"/{name}"})
 
 
 @pytest.fixture(params=EDITIONS)
 async def empty_db(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Settings]:
     """A new, empty database on the edition's cluster."""
     s = on_edition(settings, request.param)
-    yield await _fresh(s, f"{s.pg_database}_migrate")
+    yield await fresh_database(s, f"{s.pg_database}_migrate")
 
 
 @pytest.fixture
 async def toy_db(settings: Settings) -> Settings:
     """A new, empty database on the Apache cluster for toy migration directories."""
-    return await _fresh(settings, f"{settings.pg_database}_migrate_toy")
+    return await fresh_database(settings, f"{settings.pg_database}_migrate_toy")
 
 
 async def _fetch(s: Settings, sql: str) -> list[asyncpg.Record]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 Point = Literal[
     "after_decode",
@@ -32,16 +32,7 @@ Point = Literal[
     "in_rebalance",
     "after_dlq_produce",
 ]
-POINTS: Final = frozenset(
-    (
-        "after_decode",
-        "after_db_commit",
-        "after_ring_write",
-        "mid_group_commit",
-        "in_rebalance",
-        "after_dlq_produce",
-    )
-)
+POINTS: Final = frozenset(get_args(Point))
 
 
 class CrashPoints:
