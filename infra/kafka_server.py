@@ -136,7 +136,7 @@ class KafkaServer:
             return
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         say(f"formatting KRaft storage in {self.data}")
-        run(self._java(version, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+        run(self._java(version, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                        "-c", str(self.props)), log=self.paths.logs / "kafka-format.log")  # fmt: skip
 
     # -- lifecycle ----------------------------------------------------------------------
