@@ -31,6 +31,7 @@ def parse_api_keys(text: str | None) -> dict[str, frozenset[str]]:
         entry = entry.strip()
         if not entry:
             continue
+        pairs: list[tuple[str, str | None]]
         if ":" in entry:
             key, _, scope_text = entry.partition(":")
             pairs = [(key.strip(), scope_text)]
