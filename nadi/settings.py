@@ -33,8 +33,8 @@ def parse_api_keys(text: str | None) -> dict[str, frozenset[str]]:
             continue
         pairs: list[tuple[str, str | None]]
         if ":" in entry:
-            key, _, scope_text = entry.partition(":")
-            pairs = [(key.strip(), scope_text)]
+            head, _, tail = entry.partition(":")
+            pairs = [(head.strip(), tail)]
         else:
             pairs = [(k.strip(), None) for k in entry.split(",") if k.strip()]
         for key, scope_text in pairs:
