@@ -507,7 +507,7 @@ async def test_bad_input_gets_one_error_shape(
 
 async def test_rfc3339_forms_are_accepted(api: httpx.AsyncClient, data: list[Row]) -> None:
     """Lower-case separators, comma or long fractions, compact and hour-only offsets."""
-    base = {"instrument_token": TOK_T, "end": IST_DAY_END}
+    base: Params = {"instrument_token": TOK_T, "end": IST_DAY_END}
     n = None
     for start in (
         "2024-03-04T00:00:00+05:30",
