@@ -43,7 +43,7 @@ class TicksPolicyConfig(Config):
         7, ge=1, description="Timescale license only: compress chunks older than this"
     )
     analyze_recent_hours: int = Field(
-        48, ge=1, description="VACUUM (ANALYZE) the chunks of the last N hours"
+        48, ge=1, description="ANALYZE the chunks of the last N hours"
     )
 
 
@@ -63,8 +63,9 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
         out["license"], out["candle_mode"] = license_, mode
 
         t = time.perf_counter()
+        # Owner-only operations run through 0013's SECURITY DEFINER functions (role nadi_maint).
         await conn.execute(
-            "SELECT set_chunk_time_interval('ticks', $1::interval)",
+            "SELECT nadi_maint_set_chunk_interval('ticks', $1::interval)",
             timedelta(hours=cfg.chunk_interval_hours),
         )
         timings["chunk_interval_ms"] = _ms(t)
@@ -77,7 +78,7 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
             if cfg.retention_days:
                 dropped = len(
                     await conn.fetch(
-                        "SELECT drop_chunks('ticks', older_than => now() - $1::interval)",
+                        "SELECT nadi_maint_drop_chunks('ticks', $1::interval)",
                         timedelta(days=cfg.retention_days),
                     )
                 )
@@ -87,12 +88,10 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
                 else "keep all"
             )
         else:
-            await conn.execute("SELECT remove_retention_policy('ticks', if_exists => TRUE)")
-            if cfg.retention_days:
-                await conn.execute(
-                    "SELECT add_retention_policy('ticks', $1::interval)",
-                    timedelta(days=cfg.retention_days),
-                )
+            await conn.execute(
+                "SELECT nadi_maint_set_retention('ticks', $1::interval)",
+                timedelta(days=cfg.retention_days) if cfg.retention_days else None,
+            )
             out["retention"] = (
                 f"policy: {cfg.retention_days} d" if cfg.retention_days else "keep all"
             )
@@ -106,13 +105,7 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
             out["compression"] = "unavailable (Apache edition)"
         else:
             await conn.execute(
-                "ALTER TABLE ticks SET (timescaledb.compress,"
-                " timescaledb.compress_segmentby = 'instrument_token',"
-                " timescaledb.compress_orderby = 'exchange_ts, sequence_id')"
-            )
-            await conn.execute("SELECT remove_compression_policy('ticks', if_exists => TRUE)")
-            await conn.execute(
-                "SELECT add_compression_policy('ticks', compress_after => $1::interval)",
+                "SELECT nadi_maint_set_compression('ticks', $1::interval)",
                 timedelta(days=cfg.compress_after_days),
             )
             out["compression"] = f"policy: after {cfg.compress_after_days} d"
@@ -139,9 +132,10 @@ async def _maintain(db: TimescaleResource, cfg: TicksPolicyConfig) -> dict[str, 
                 timedelta(hours=cfg.analyze_recent_hours),
             )
         ]
-        for chunk in chunks:
-            await conn.execute(f"VACUUM (ANALYZE) {chunk}")
-        await conn.execute("VACUUM (ANALYZE) candle_dirty, sequence_gaps")
+        # ANALYZE only: VACUUM is the owner's (and cannot run in a function); autovacuum is
+        # tuned for candle_dirty's churn by 0013.
+        for table in [*chunks, "candle_dirty", "sequence_gaps"]:
+            await conn.execute("SELECT nadi_maint_analyze($1::regclass)", table)
         out["chunks_analyzed"] = len(chunks)
         timings["vacuum_analyze_ms"] = _ms(t)
 
@@ -188,7 +182,7 @@ async def _redis_memory(redis: RedisResource) -> str:
         "migrations, sets the chunk interval, applies retention (a policy with the Timescale "
         "license; `drop_chunks` run here on the Apache edition) and compression (Timescale "
         "license only), refreshes stale candle rollup windows (what continuous-aggregate "
-        "policies would do) and runs VACUUM (ANALYZE) on recent chunks. Safe to run any time."
+        "policies would do) and runs ANALYZE on recent chunks (as nadi_maint: autovacuum does the VACUUM). Safe to run any time."
     ),
 )
 def ticks_hypertable(
