@@ -24,8 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The API's own read-only role (NADI_PG_API_DSN; dbt_or_sql/0013_roles.sql).
-        api_role = settings.model_copy(update={"pg_dsn": settings.api_dsn})
-        app.state.pool = await create_pool(api_role, min_size=2, max_size=10)
+        app.state.pool = await create_pool(settings, dsn=settings.api_dsn, min_size=2, max_size=10)
         app.state.redis = aioredis.from_url(settings.redis_url)
         # Redis key names of this database (its identity namespaces every key).
         app.state.redis_keys = await RedisKeys.load(app.state.pool)
