@@ -24,6 +24,9 @@ from nadi.db.tick_writer import init_connection, write_batch
 from nadi.sequence import Gap
 from nadi.settings import Settings
 from nadi.tick import Tick
+from tests.feedgen import Feed
+from tests.kafka_util import produce, wait_caught_up
+from tests.processor_util import private_settings, reset_state, running_worker, stored
 
 pytestmark = pytest.mark.both_editions
 
@@ -399,3 +402,30 @@ async def test_maint_role_runs_owner_operations_only_through_its_functions(
     # Derived data it refreshes (Apache edition: rollup tables).
     if await maint.fetchval("SELECT mode FROM candle_mode") == "rollup":
         await maint.execute("SELECT nadi_refresh_candles('-infinity', 'infinity')")
+
+
+async def test_worker_ingests_as_nadi_ingest(migrated: Settings, pg: asyncpg.Connection) -> None:
+    """The processor's pool is nadi_ingest's (NADI_PG_INGEST_DSN defaults to it), and the
+    worker's whole path (state load, staging, nadi_ingest_staged, marks, ingest_state) works
+    with that role's grants alone. The processor tests run the worker the same way, so a
+    missing grant fails them too (their batches never commit and they do not catch up)."""
+    env = await private_settings(migrated)
+    assert env.ingest_dsn.startswith("postgresql://nadi_ingest@")
+    await reset_state(pg, env)
+    token = 990_003
+    feed = Feed(tokens=[token], n=300)
+    produce(env.kafka_bootstrap, env.topic_ticks, feed.messages())
+    async with running_worker(env):
+        await wait_caught_up(env.kafka_bootstrap, env.group_id, env.topic_ticks)
+        users = {
+            r[0]
+            for r in await pg.fetch(
+                """SELECT usename FROM pg_stat_activity
+                   WHERE datname = current_database() AND application_name = 'nadi'"""
+            )
+        }
+    assert users == {"nadi_ingest"}
+    assert await stored(pg) == feed.unique
+    assert await pg.fetchval(
+        "SELECT last_seq FROM ingest_state WHERE instrument_token = $1", token
+    ) == max(seq for _, seq, _ in feed.unique)
