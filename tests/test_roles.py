@@ -404,6 +404,75 @@ async def test_maint_role_runs_owner_operations_only_through_its_functions(
         await maint.execute("SELECT nadi_refresh_candles('-infinity', 'infinity')")
 
 
+@pytest.mark.timescale_edition
+async def test_maint_role_runs_the_timescale_policies(
+    pg: asyncpg.Connection, role_conn: dict[str, asyncpg.Connection]
+) -> None:
+    """Timescale license: aggregate refreshes and their policies as the aggregates' owner;
+    compression, retention policy and TimescaleDB's own jobs only through nadi_maint_*."""
+    maint = role_conn["nadi_maint"]
+    token = 990_004
+    await pg.execute(
+        """INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price)
+           VALUES ($1, now() - INTERVAL '20 days', 1, 10), ($1, now(), 1, 11)""",
+        token,
+    )
+    old, young = [
+        r[0]
+        for r in await pg.fetch(
+            """SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks
+               WHERE hypertable_name = 'ticks' AND (range_end < now() - INTERVAL '10 days'
+                                                    OR range_end > now())
+               ORDER BY range_start"""
+        )
+    ][-2:]
+    for sql in (
+        f"SELECT compress_chunk('{old}')",
+        "ALTER TABLE ticks SET (timescaledb.compress)",
+        "SELECT add_retention_policy('ticks', INTERVAL '30 days')",
+        "SELECT alter_job(3, scheduled => false)",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await maint.execute(sql)
+    for view in ("candles_1m", "candles_5m"):
+        await maint.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
+        await maint.execute(
+            f"SELECT add_continuous_aggregate_policy('{view}', start_offset => INTERVAL '2 days',"
+            " end_offset => INTERVAL '5 minutes', schedule_interval => INTERVAL '5 minutes')"
+        )
+    assert (
+        await pg.fetchval("SELECT count(*) FROM candles_1m WHERE instrument_token = $1", token) == 2
+    )
+    await maint.execute("SELECT nadi_maint_set_retention('ticks', INTERVAL '30 days')")
+    await maint.execute("SELECT nadi_maint_set_compression('ticks', INTERVAL '3 days')")
+    jobs = "SELECT proc_name, owner::text FROM timescaledb_information.jobs WHERE job_id >= 1000"
+    assert sorted(tuple(r) for r in await pg.fetch(jobs)) == [
+        ("policy_compression", await pg.fetchval("SELECT current_user")),
+        ("policy_refresh_continuous_aggregate", "nadi_maint"),
+        ("policy_refresh_continuous_aggregate", "nadi_maint"),
+        ("policy_retention", await pg.fetchval("SELECT current_user")),
+    ]
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not a chunk of ticks"):
+        await maint.execute("SELECT nadi_maint_compress_chunk($1::regclass)", young)
+    await maint.execute("SELECT nadi_maint_compress_chunk($1::regclass)", old)
+    assert await pg.fetchval(
+        "SELECT is_compressed FROM timescaledb_information.chunks"
+        " WHERE format('%I.%I', chunk_schema, chunk_name) = $1",
+        old,
+    )
+    builtin = "SELECT bool_and(scheduled) FROM timescaledb_information.jobs WHERE job_id < 1000"
+    assert await maint.fetchval("SELECT nadi_maint_schedule_builtin_jobs(false)") >= 1
+    assert await pg.fetchval(builtin) is False
+    await maint.execute("SELECT nadi_maint_schedule_builtin_jobs(true)")
+    assert await pg.fetchval(builtin) is True
+    # Leave the database as the migrations did: no policy jobs.
+    for view in ("candles_1m", "candles_5m"):
+        await maint.execute(f"SELECT remove_continuous_aggregate_policy('{view}')")
+    await maint.execute("SELECT nadi_maint_set_retention('ticks', NULL)")
+    await maint.execute("SELECT nadi_maint_set_compression('ticks', NULL)")
+    assert await pg.fetch(jobs) == []
+
+
 async def test_worker_ingests_as_nadi_ingest(migrated: Settings, pg: asyncpg.Connection) -> None:
     """The processor's pool is nadi_ingest's (NADI_PG_INGEST_DSN defaults to it), and the
     worker's whole path (state load, staging, nadi_ingest_staged, marks, ingest_state) works
