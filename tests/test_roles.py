@@ -225,7 +225,7 @@ _WRITES = ("INSERT INTO {t} DEFAULT VALUES", "UPDATE {t} SET {col} = {col}", "DE
 async def _tables(pg: asyncpg.Connection) -> list[tuple[str, str, tuple[str, ...]]]:
     """(table, first column, destructive statements) for every table and view of public, and
     the materialization hypertables behind continuous aggregates (Timescale edition)."""
-    out = []
+    out: list[tuple[str, str, tuple[str, ...]]] = []
     for r in await pg.fetch(
         """SELECT format('%I.%I', n.nspname, c.relname), (SELECT attname FROM pg_attribute
                                   WHERE attrelid = c.oid AND attnum = 1), c.relkind::text,
@@ -243,7 +243,7 @@ async def _tables(pg: asyncpg.Connection) -> list[tuple[str, str, tuple[str, ...
                                  AND d.objid = c.oid AND d.deptype = 'e')
                ORDER BY 1"""
     ):
-        tpls = _DESTRUCTIVE_VIEW if r[2] == "v" else _DESTRUCTIVE
+        tpls: tuple[str, ...] = _DESTRUCTIVE_VIEW if r[2] == "v" else _DESTRUCTIVE
         if r[3]:
             # TimescaleDB refuses TRUNCATE of a hypertable under or behind a continuous
             # aggregate to everyone, before any privilege check; the matrix shows no role
