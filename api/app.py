@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.pool = await create_pool(settings, min_size=2, max_size=10)
+        # The API's own read-only role (NADI_PG_API_DSN; dbt_or_sql/0013_roles.sql).
+        app.state.pool = await create_pool(settings, dsn=settings.api_dsn, min_size=2, max_size=10)
         app.state.redis = aioredis.from_url(settings.redis_url)
         # Redis key names of this database (its identity namespaces every key).
         app.state.redis_keys = await RedisKeys.load(app.state.pool)
@@ -44,6 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.include_router(rest.router)
+    rest.install(app, settings)
     app.include_router(ws.router)
     return app

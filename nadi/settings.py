@@ -15,6 +15,59 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# API key scopes (issue 10): what a key may do. ``admin`` includes the others.
+API_SCOPES = ("read", "replay", "admin")
+BARE_KEY_SCOPES = frozenset({"read", "replay"})
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~+/=")
+
+
+def parse_api_keys(text: str | None) -> dict[str, frozenset[str]]:
+    """``NADI_API_KEYS`` -> {key: scopes}. Grammar: entries separated by ``;``, each
+    ``key`` or ``key:scope,scope``; a bare key has ``read`` and ``replay``. The older form,
+    comma-separated bare keys (``k1,k2``), is read as well. ValueError says what is wrong
+    (never echoing a key)."""
+    out: dict[str, frozenset[str]] = {}
+    for n, entry in enumerate((text or "").split(";"), 1):
+        entry = entry.strip()
+        if not entry:
+            continue
+        pairs: list[tuple[str, str | None]]
+        if ":" in entry:
+            head, _, tail = entry.partition(":")
+            pairs = [(head.strip(), tail)]
+        else:
+            pairs = [(k.strip(), None) for k in entry.split(",") if k.strip()]
+        for key, scope_text in pairs:
+            if not key or not set(key) <= _KEY_CHARS:
+                raise ValueError(
+                    f"NADI_API_KEYS entry {n}: a key is 1+ characters of [A-Za-z0-9-_.~+/=]"
+                )
+            if scope_text is None:
+                scopes = BARE_KEY_SCOPES
+            else:
+                names = {s.strip() for s in scope_text.split(",") if s.strip()}
+                bad = sorted(names - set(API_SCOPES))
+                if bad or not names:
+                    raise ValueError(
+                        f"NADI_API_KEYS entry {n}: scopes must be among {', '.join(API_SCOPES)}"
+                        + (f" (got {', '.join(bad)})" if bad else " (none given)")
+                    )
+                scopes = frozenset(names)
+            if key in out and out[key] != scopes:
+                raise ValueError(f"NADI_API_KEYS entry {n}: a key is listed twice, scopes differ")
+            out[key] = scopes
+    return out
+
+
+def _dsn_as(owner_dsn: str, role: str) -> str:
+    """``owner_dsn`` (host, port, database, options) with user ``role`` and no password."""
+    u = urlsplit(owner_dsn)
+    host = u.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{role}@{host}" + (f":{u.port}" if u.port else "")
+    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
 
 class Settings(BaseSettings):
     """Configuration of a Nadi process. Env names are the contract of DESIGN.md section 2."""
@@ -32,6 +85,22 @@ class Settings(BaseSettings):
     ticks_partitions: int = Field(12, ge=1, le=1024)
     group_id: str = "nadi-processor"
     api_keys: str | None = None
+
+    # Least-privilege database roles (issue 10; dbt_or_sql/0013_roles.sql). ``pg_dsn`` is the
+    # owner's (migrations). Unset (""), each of these is ``pg_dsn`` with user nadi_ingest,
+    # nadi_api or nadi_maint and no password (local trust): read them through the
+    # ``ingest_dsn``/``api_dsn``/``maint_dsn`` properties, which follow ``pg_dsn`` (so a
+    # model_copy onto another database moves them too). Set real DSNs in production.
+    pg_ingest_dsn: str = Field("", description="the processor's DSN (role nadi_ingest)")
+    pg_api_dsn: str = Field("", description="the API's DSN (role nadi_api, read-only)")
+    pg_maint_dsn: str = Field("", description="Dagster maintenance and repairs (nadi_maint)")
+    # The Dagster webserver has no auth of its own: it binds loopback unless the operator says a
+    # proxy in front of it authenticates (README, "Dagster behind an authenticating proxy").
+    dagster_host: str = Field("127.0.0.1", description="Dagster webserver bind address")
+    dagster_port: int = Field(3000, ge=1, le=65535, description="Dagster webserver port")
+    dagster_behind_auth_proxy: bool = Field(
+        False, description="allow a non-loopback dagster_host: a proxy in front does auth"
+    )
 
     # Ingest validation (DESIGN.md section 4).
     max_future_skew_s: float = Field(
@@ -105,11 +174,17 @@ class Settings(BaseSettings):
     pg_tsl_port: int = Field(5433, ge=1, le=65535)
     timescale_src: Path = _REPO_ROOT.parent / "shared" / "vendor" / "timescaledb-2.19.3.tar.gz"
 
-    @field_validator("pg_dsn")
+    @field_validator("pg_dsn", "pg_ingest_dsn", "pg_api_dsn", "pg_maint_dsn")
     @classmethod
     def _pg_dsn_is_postgres(cls, v: str) -> str:
-        if urlsplit(v).scheme not in ("postgresql", "postgres"):
-            raise ValueError("NADI_PG_DSN must be a postgresql:// URL")
+        if v and urlsplit(v).scheme not in ("postgresql", "postgres"):
+            raise ValueError("a NADI_PG_*DSN must be a postgresql:// URL")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_parse(cls, v: str | None) -> str | None:
+        parse_api_keys(v)
         return v
 
     @field_validator("redis_url")
@@ -151,6 +226,21 @@ class Settings(BaseSettings):
         return on_port(self.pg_dsn, self.pg_tsl_port)
 
     @property
+    def ingest_dsn(self) -> str:
+        """The processor's DSN: NADI_PG_INGEST_DSN, else ``pg_dsn`` as nadi_ingest."""
+        return self.pg_ingest_dsn or _dsn_as(self.pg_dsn, "nadi_ingest")
+
+    @property
+    def api_dsn(self) -> str:
+        """The API's DSN: NADI_PG_API_DSN, else ``pg_dsn`` as nadi_api."""
+        return self.pg_api_dsn or _dsn_as(self.pg_dsn, "nadi_api")
+
+    @property
+    def maint_dsn(self) -> str:
+        """Dagster maintenance's DSN: NADI_PG_MAINT_DSN, else ``pg_dsn`` as nadi_maint."""
+        return self.pg_maint_dsn or _dsn_as(self.pg_dsn, "nadi_maint")
+
+    @property
     def redis_port(self) -> int:
         return urlsplit(self.redis_url).port or 6379
 
@@ -171,10 +261,13 @@ class Settings(BaseSettings):
         return frozenset(o.strip() for o in self.allowed_origins.split(",") if o.strip())
 
     @property
+    def api_key_scopes(self) -> dict[str, frozenset[str]]:
+        """{key: scope names}; empty when auth is off. See :func:`parse_api_keys`."""
+        return parse_api_keys(self.api_keys)
+
+    @property
     def api_key_set(self) -> frozenset[str]:
-        if not self.api_keys:
-            return frozenset()
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        return frozenset(self.api_key_scopes)
 
 
 def on_port(dsn: str, port: int) -> str:

@@ -9,6 +9,7 @@ files under ``.nadi``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -26,7 +27,32 @@ MAX_CONCURRENT_RUNS = 8
 # Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs are many
 # small runs (one per gap) and must not crowd out candle refreshes.
 TAG_LIMITS = (("replay", 1), ("gap_repair", 4), ("candles", 2))
-WEB_HOST, WEB_PORT = "127.0.0.1", 3000
+
+
+def webserver_bind(settings: Settings) -> tuple[str, int]:
+    """Where the Dagster webserver listens: ``NADI_DAGSTER_HOST``/``NADI_DAGSTER_PORT``
+    (default 127.0.0.1:3000).
+
+    The webserver has no authentication of its own and can launch any job (replays, repairs,
+    retention). Beyond loopback it is refused unless ``NADI_DAGSTER_BEHIND_AUTH_PROXY=true``
+    says a reverse proxy in front of it authenticates (README, "Dagster behind an
+    authenticating proxy").
+    """
+    host = settings.dagster_host
+    if not _is_loopback(host) and not settings.dagster_behind_auth_proxy:
+        raise SystemExit(
+            f"refusing to bind the Dagster webserver to {host}: it has no authentication. "
+            "Keep NADI_DAGSTER_HOST on loopback, or put an authenticating reverse proxy in "
+            "front of it and set NADI_DAGSTER_BEHIND_AUTH_PROXY=true"
+        )
+    return host, settings.dagster_port
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
 
 
 def _dsn_for(settings: Settings, database: str) -> str:
@@ -102,14 +128,16 @@ def _bin(name: str) -> str:
 
 
 def platform_components(settings: Settings) -> list[Component]:
-    """The Dagster webserver (127.0.0.1:3000) and daemon, for `nadi up`."""
+    """The Dagster webserver (127.0.0.1:3000 unless :func:`webserver_bind` allows otherwise)
+    and daemon, for `nadi up`."""
+    host, port = webserver_bind(settings)
     home = ensure_dagster_home(settings)
     env = {"DAGSTER_HOME": str(home)}
     ws = str(WORKSPACE)
     return [
         Component(
             "dagster-web",
-            (_bin("dagster-webserver"), "-h", WEB_HOST, "-p", str(WEB_PORT), "-w", ws),
+            (_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", ws),
             env,
         ),
         Component("dagster-daemon", (_bin("dagster-daemon"), "run", "-w", ws), env),

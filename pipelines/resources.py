@@ -50,9 +50,16 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class TimescaleResource(_Resource):
-    """The TimescaleDB database holding ticks, gaps, candles and reconciliations."""
+    """The TimescaleDB database holding ticks, gaps, candles and reconciliations.
+
+    ``dsn`` is the maintenance role's (``NADI_PG_MAINT_DSN``, role nadi_maint of
+    dbt_or_sql/0013_roles.sql): what every asset connects with. Owner-only TimescaleDB work goes
+    through the ``nadi_maint_*`` functions. ``owner_dsn`` (``NADI_PG_DSN``) is used only to apply
+    migrations; empty means ``dsn``.
+    """
 
     dsn: str
+    owner_dsn: str = ""
 
     @asynccontextmanager
     async def connect(self, *, staging: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -70,8 +77,9 @@ class TimescaleResource(_Resource):
             await conn.close()
 
     def settings(self, base: Settings) -> Settings:
-        """``base`` pointed at this database (for :func:`nadi.db.migrate.run_migrations`)."""
-        return base.model_copy(update={"pg_dsn": self.dsn})
+        """``base`` pointed at this database as its owner (for
+        :func:`nadi.db.migrate.run_migrations`)."""
+        return base.model_copy(update={"pg_dsn": self.owner_dsn or self.dsn})
 
 
 async def candle_mode(conn: asyncpg.Connection) -> str:
@@ -168,7 +176,7 @@ class SimulatorRecoveryResource(RecoverySourceResource):
 def resources_from_settings(settings: Settings) -> dict[str, _Resource]:
     """The resource set of the code location, keyed as the assets ask for them."""
     return {
-        "timescale": TimescaleResource(dsn=settings.pg_dsn),
+        "timescale": TimescaleResource(dsn=settings.maint_dsn, owner_dsn=settings.pg_dsn),
         "redis": RedisResource(
             url=settings.redis_url, ring_maxlen=settings.ring_maxlen, ttl_s=settings.dedup_ttl_s
         ),

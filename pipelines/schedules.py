@@ -115,9 +115,7 @@ def replay_nightly_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     cron_schedule="30 18 * * *",
     execution_timezone=TZ,
     default_status=DefaultScheduleStatus.RUNNING,
-    description=(
-        "18:30 IST daily: migrations, retention, compression, candle refresh, VACUUM/ANALYZE."
-    ),
+    description=("18:30 IST daily: migrations, retention, compression, candle refresh, ANALYZE."),
 )
 def storage_maintenance_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(run_key=f"storage-{_now(context).date()}")

@@ -175,7 +175,10 @@ def replay(
     settings = get_settings()
 
     async def main() -> int:
-        pool = await create_pool(settings, min_size=1, max_size=min(len(tokens), 8) + 1)
+        # Reads only: the API's read-only role (NADI_PG_API_DSN), not the owner.
+        pool = await create_pool(
+            settings, dsn=settings.api_dsn, min_size=1, max_size=min(len(tokens), 8) + 1
+        )
         try:
             engine = ReplayEngine(pool, chunk_rows=settings.replay_chunk_rows)
             if topic:

@@ -43,7 +43,8 @@ def on_edition(settings: Settings, edition: str) -> Settings:
     moved = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
-        if name.startswith("pg_") and name.endswith("dsn") and isinstance(value, str):
+        # An unset role DSN ("") follows pg_dsn by itself (Settings.ingest_dsn and the like).
+        if name.startswith("pg_") and name.endswith("dsn") and isinstance(value, str) and value:
             if (urlsplit(value).port or 5432) == settings.pg_port:
                 moved[name] = on_port(value, settings.pg_tsl_port)
     return settings.model_copy(update=moved)

@@ -1,11 +1,18 @@
-"""Helpers of the serving tests: seed ticks straight into PostgreSQL, run the app in-process."""
+"""Helpers of the serving tests: seed ticks straight into PostgreSQL, run the app in-process or
+as a real `nadi api` process."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
+import socket
+import sys
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import NamedTuple
 
 import asyncpg
@@ -111,3 +118,55 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def api_process(
+    settings: Settings, port: int, log_path: Path, *, timeout_s: float = 30
+) -> AsyncIterator[str]:
+    """``nadi api`` (the real command: uvicorn, the API's own database role) on ``port`` with
+    the environment of ``settings``; yields its base URL once /healthz answers."""
+    env = {
+        **os.environ,
+        "NADI_PG_DSN": settings.pg_dsn,
+        "NADI_REDIS_URL": settings.redis_url,
+        "NADI_METRICS_PORT": "0",
+    }
+    env.pop("NADI_API_KEYS", None)
+    if settings.api_keys:
+        env["NADI_API_KEYS"] = settings.api_keys
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nadi", "api", "--host", "127.0.0.1", "--port", str(port),
+            env=env, stdout=log, stderr=log,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient() as http:
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"nadi api exited with {proc.returncode}; see {log_path}")
+                try:
+                    if (await http.get(f"{base}/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nadi api not ready in {timeout_s} s; see {log_path}")
+                await asyncio.sleep(0.1)
+        yield base
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

@@ -365,20 +365,172 @@ async def test_unknown_instrument_404(api: httpx.AsyncClient, data: list[Row], p
         assert r.json().get("ticks", r.json().get("candles")) == []
 
 
-async def test_api_keys(migrated: Settings, data: list[Row]) -> None:
-    keyed = migrated.model_copy(update={"api_keys": "k1, k2"})
+async def test_api_keys_and_scopes(migrated: Settings, data: list[Row]) -> None:
+    keyed = migrated.model_copy(update={"api_keys": "k1; k2:read; k3:admin; k4:replay"})
+    params: Params = {"instrument_token": TOK_T, "start": IST_DAY_START, "end": IST_DAY_END}
+    paths = ("/v1/ticks", "/v1/instruments", "/v1/gaps", "/v1/candles", "/v1/replay")
     async with client(keyed) as c:
-        params: Params = {"instrument_token": TOK_T, "start": IST_DAY_START, "end": IST_DAY_END}
-        for path in ("/v1/ticks", "/v1/instruments", "/v1/gaps", "/v1/candles", "/v1/replay"):
+        for path in paths:
             r = await c.get(path, params=params)
             assert r.status_code == 401, path
             assert r.headers["www-authenticate"] == "Bearer"
-        r = await c.get("/v1/ticks", params=params, headers={"Authorization": "Bearer nope"})
+            assert r.json() == {"detail": "missing API key: send Authorization: Bearer <key>"}
+            r = await c.get(path, params=params, headers={"Authorization": "Bearer nope"})
+            assert (r.status_code, r.json()) == (401, {"detail": "unknown API key"}), path
+            # Not a bearer credential at all: as if there were none.
+            r = await c.get(path, params=params, headers={"Authorization": "Basic azE6"})
+            assert r.status_code == 401, path
+
+        def auth(k: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {k}"}
+
+        # (key, path) -> status: a bare key reads and replays; read cannot replay; replay
+        # cannot read; admin can do everything.
+        for key, allowed in (
+            ("k1", set(paths)),
+            ("k2", set(paths) - {"/v1/replay"}),
+            ("k3", set(paths)),
+            ("k4", {"/v1/replay"}),
+        ):
+            for path in paths:
+                r = await c.get(path, params=params, headers=auth(key))
+                want = 200 if path in allowed else 403
+                assert r.status_code == want, (key, path, r.text)
+                if want == 403:
+                    scope = "replay" if path == "/v1/replay" else "read"
+                    assert r.json()["detail"] == (
+                        f"this API key lacks the '{scope}' scope that GET {path} needs "
+                        f"(it has: {'read' if key == 'k2' else 'replay'})"
+                    )
+        # Validation comes after auth: no key, no hint about the parameters.
+        r = await c.get("/v1/ticks", params={"instrument_token": -1})
         assert r.status_code == 401
-        r = await c.get("/v1/ticks", params=params, headers={"Authorization": "Bearer k2"})
-        assert r.status_code == 200
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await c.get(path)).status_code == 200, path
+
+        spec = (await c.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"] == {
+        "apiKey": {"type": "http", "scheme": "bearer", "description": ANY_STR}
+    }
+    for path in paths:
+        op = spec["paths"][path]["get"]
+        scope = "replay" if path == "/v1/replay" else "read"
+        assert op["security"] == [{"apiKey": [scope]}], path
+        assert op["x-required-scopes"] == [scope]
+        assert {"401", "403", "422"} <= set(op["responses"]), path
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert "security" not in spec["paths"][path]["get"]
+
+
+class _AnyStr(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str)
+
+    __hash__ = str.__hash__
+
+
+ANY_STR = _AnyStr()
+
+
+async def test_openapi_without_keys_advertises_no_security(api: httpx.AsyncClient) -> None:
+    spec = (await api.get("/openapi.json")).json()
+    assert "securitySchemes" not in spec.get("components", {})
+    text = str(spec)
+    assert "'security'" not in text and "'401'" not in text and "'403'" not in text
+    # One error model: FastAPI's list-shaped validation error is gone from the document.
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    assert schemas["ErrorOut"]["properties"]["detail"]["type"] == "string"
+    params = {p["name"]: p for p in spec["paths"]["/v1/ticks"]["get"]["parameters"]}
+    assert params["start"]["schema"]["format"] == "date-time"
+    assert params["instrument_token"]["schema"]["format"] == "int64"
+    assert params["instrument_token"]["schema"]["maximum"] == 2**63 - 1
+    assert "anyOf" not in params["cursor"]["schema"]  # optional, never null
+    ex = {p["name"]: p for p in spec["paths"]["/v1/instruments"]["get"]["parameters"]}
+    assert ex["exchange"]["schema"]["enum"] == [
+        "NSE",
+        "BSE",
+        "NFO",
+        "BFO",
+        "MCX",
+        "CDS",
+        "BCD",
+        "NCO",
+    ]
+    gaps = {p["name"]: p for p in spec["paths"]["/v1/gaps"]["get"]["parameters"]}
+    assert gaps["status"]["schema"]["enum"] == ["open", "repaired", "unrecoverable"]
+    assert gaps["trading_day"]["schema"]["format"] == "date"
+    for item in spec["paths"].values():
+        for op in item.values():
+            if "422" in op["responses"]:
+                assert op["responses"]["422"]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorOut"
+                }
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "message"),
+    [
+        # Found by Schemathesis before the fix: int64 overflow reached asyncpg (500).
+        ("/v1/gaps", {"instrument_token": 2**63}, "instrument_token: Input should be less than"),
+        ("/v1/ticks", {"instrument_token": 2**64, "start": IST_DAY_START, "end": IST_DAY_END},
+         "instrument_token: Input should be less than or equal to 9223372036854775807"),
+        ("/v1/replay", {"instrument_token": 2**63, "start": IST_DAY_START, "end": IST_DAY_END},
+         "instrument_token[0]: Input should be less than"),
+        # Odd strings in filters (a NUL byte reached PostgreSQL: 500).
+        ("/v1/instruments", {"exchange": "N\x00SE"}, "exchange: Input should be 'NSE'"),
+        ("/v1/instruments", {"exchange": "\u00e9"}, "exchange: Input should be"),
+        ("/v1/instruments", {"segment": "NFO\x00"}, "segment: String should match pattern"),
+        ("/v1/instruments", {"q": "a\x00b"}, "q: String should match pattern"),
+        ("/v1/gaps", {"status": "closed"}, "status: Input should be 'open', 'repaired' or"),
+        ("/v1/gaps", {"trading_day": "2025-13-01"}, "trading_day: Input should be a valid date"),
+        # Times: outside the accepted range, out-of-range fields, offsets that overflow.
+        ("/v1/ticks", {"instrument_token": TOK, "start": "0001-01-01T00:00:00+05:00",
+                       "end": IST_DAY_END}, "is outside 1970-01-01..2100-01-01"),
+        ("/v1/ticks", {"instrument_token": TOK, "start": "9999-12-31T23:59:59-23:59",
+                       "end": IST_DAY_END}, "is outside 1970-01-01..2100-01-01"),
+        ("/v1/ticks", {"instrument_token": TOK, "start": "2024-03-04T25:00:00Z",
+                       "end": IST_DAY_END}, "is not a valid time"),
+        ("/v1/ticks", {"instrument_token": TOK, "start": "2024-03-04T09:15:00+24:00",
+                       "end": IST_DAY_END}, "is not a valid time"),
+        ("/v1/candles", {"instrument_token": TOK, "end": IST_DAY_END}, "start: Field required"),
+        ("/v1/replay", {"instrument_token": TOK, "start": IST_DAY_START, "end": IST_DAY_END,
+                        "speed": "nan"}, "speed: Input should be a finite number"),
+        ("/v1/replay", {"instrument_token": TOK, "start": IST_DAY_START, "end": IST_DAY_END,
+                        "speed": 1e-9}, "speed: 0 (as fast as possible) or 0.01 to 10000"),
+        ("/v1/replay", {"start": IST_DAY_START, "end": IST_DAY_END},
+         "instrument_token: Field required"),
+    ],
+)  # fmt: skip
+async def test_bad_input_gets_one_error_shape(
+    api: httpx.AsyncClient, data: list[Row], path: str, params: Params, message: str
+) -> None:
+    r = await api.get(path, params=params)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert list(body) == ["detail"] and isinstance(body["detail"], str), body
+    assert message in body["detail"], body
+
+
+async def test_rfc3339_forms_are_accepted(api: httpx.AsyncClient, data: list[Row]) -> None:
+    """Lower-case separators, comma or long fractions, compact and hour-only offsets."""
+    base: Params = {"instrument_token": TOK_T, "end": IST_DAY_END}
+    n = None
+    for start in (
+        "2024-03-04T00:00:00+05:30",
+        "2024-03-03t18:30:00z",
+        "2024-03-03T18:30:00.000000000Z",
+        "2024-03-03T18:30:00,5-00:00",
+        "2024-03-04T00:00:00+0530",
+        "2024-03-03T19:30:00+01",
+        "2024-03-04 00:00+05:30",
+    ):
+        r = await api.get("/v1/ticks", params={**base, "start": start})
+        assert r.status_code == 200, (start, r.text)
+        count = len(r.json()["ticks"])
+        assert n is None or count == n, start
+        n = count
+    assert n
 
 
 async def test_probes_and_docs(api: httpx.AsyncClient, migrated: Settings) -> None:

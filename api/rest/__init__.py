@@ -1,23 +1,32 @@
 """REST under /v1 (DESIGN.md section 7), plus /healthz, /readyz and /metrics.
 
-Every /v1 route depends on the API key (``api.auth.require_api_key``; a no-op while
-``NADI_API_KEYS`` is unset); the probes and the metrics endpoint stay open.
+Every /v1 route declares the scope it needs (``api.auth.scoped``: read, or replay for
+/v1/replay; a no-op while ``NADI_API_KEYS`` is unset); the probes and the metrics endpoint stay
+open. ``install`` adds the error handlers (one ``{"detail": str}`` shape) and the OpenAPI
+document that says all this.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI
 
-from api.auth import require_api_key
-from api.rest import candles, gaps, health, instruments, replay, ticks
+from api.rest import candles, errors, gaps, health, instruments, openapi, replay, ticks
+from nadi.settings import Settings
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+v1 = APIRouter(prefix="/v1")
 for _part in (instruments, ticks, candles, gaps, replay):
     v1.include_router(_part.router)
 
 router = APIRouter()
 router.include_router(v1)
 router.include_router(health.router)
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Routes, error handlers and the OpenAPI document of the REST part."""
+    app.include_router(router)
+    errors.install(app)
+    openapi.install(app, settings)
 
 
 async def startup(app: FastAPI) -> None:

@@ -45,6 +45,7 @@ import asyncpg
 import msgspec
 from fastapi import APIRouter, Depends, Query, Response
 
+from api.auth import Scope, scoped
 from api.rest.deps import Pool
 from api.rest.models import CandleSeries, ErrorOut, Interval
 from api.rest.params import TimeRange, TokenQuery, ensure_known, time_range
@@ -197,6 +198,7 @@ def raw_ranges(
     response_model=CandleSeries,
     responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
     summary="OHLCV candles (1m, 5m, 15m, 1h, 1d), refreshed or not",
+    **scoped(Scope.READ),
 )
 async def get_candles(
     pool: Pool,

@@ -7,9 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from api.auth import Scope, scoped
 from api.rest.deps import Pool
 from api.rest.models import Gap, GapList, GapStatus
-from api.rest.params import iso
+from api.rest.params import OptionalTokenQuery, iso
 
 router = APIRouter(tags=["gaps"])
 
@@ -25,15 +26,21 @@ LIMIT $4
 """
 
 
-@router.get("/gaps", response_model=GapList, summary="Sequence gaps, newest trading day first")
+@router.get(
+    "/gaps",
+    response_model=GapList,
+    summary="Sequence gaps, newest trading day first",
+    **scoped(Scope.READ),
+)
 async def list_gaps(
     pool: Pool,
     status: Annotated[
         GapStatus | None, Query(description="open, repaired or unrecoverable")
     ] = None,
-    instrument_token: Annotated[int | None, Query(gt=0)] = None,
+    instrument_token: OptionalTokenQuery = None,
     trading_day: Annotated[
-        date | None, Query(description="Asia/Kolkata date, YYYY-MM-DD", examples=["2025-01-06"])
+        date | None,
+        Query(description="Asia/Kolkata date, YYYY-MM-DD", examples=["2025-01-06"]),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> GapList:

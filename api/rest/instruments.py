@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import BeforeValidator
 
+from api.auth import Scope, scoped
 from api.rest.deps import Pool
-from api.rest.models import Instrument, InstrumentList
+from api.rest.models import Exchange, Instrument, InstrumentList
 
 router = APIRouter(tags=["instruments"])
 
@@ -31,21 +33,45 @@ def _like_pattern(q: str) -> str:
     return f"%{escaped}%"
 
 
-@router.get("/instruments", response_model=InstrumentList, summary="The instrument master")
+def _upper(v: object) -> object:
+    return v.upper() if isinstance(v, str) else v
+
+
+# Codes as in Kite's instruments CSV ("NFO-OPT", "INDICES", "EQ"): letters, digits, '-'.
+_CODE = r"^[A-Za-z0-9-]{1,20}$"
+# A tradingsymbol fragment: printable, no control characters (PostgreSQL text holds no NUL).
+_SYMBOL_PART = r"^[^\x00-\x1f\x7f]{1,64}$"
+
+
+@router.get(
+    "/instruments",
+    response_model=InstrumentList,
+    summary="The instrument master",
+    **scoped(Scope.READ),
+)
 async def list_instruments(
     pool: Pool,
-    exchange: Annotated[str | None, Query(description="NSE, BSE, NFO, BFO …")] = None,
-    segment: Annotated[str | None, Query(description="e.g. NSE, NFO-OPT, NFO-FUT")] = None,
-    instrument_type: Annotated[str | None, Query(description="EQ, FUT, CE, PE")] = None,
+    exchange: Annotated[
+        Exchange | None,
+        BeforeValidator(_upper),
+        Query(description="exchange code (case-insensitive)"),
+    ] = None,
+    segment: Annotated[
+        str | None,
+        Query(pattern=_CODE, description="e.g. NSE, NFO-OPT, NFO-FUT (case-insensitive)"),
+    ] = None,
+    instrument_type: Annotated[
+        str | None, Query(pattern=_CODE, description="EQ, FUT, CE, PE … (case-insensitive)")
+    ] = None,
     q: Annotated[
         str | None,
-        Query(min_length=1, max_length=64, description="case-insensitive tradingsymbol substring"),
+        Query(pattern=_SYMBOL_PART, description="case-insensitive tradingsymbol substring"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=5000, description="max rows")] = 100,
 ) -> InstrumentList:
     rows = await pool.fetch(
         _SQL,
-        exchange.upper() if exchange else None,
+        exchange,
         segment.upper() if segment else None,
         instrument_type.upper() if instrument_type else None,
         _like_pattern(q) if q else None,

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Interval = Literal["1m", "5m", "15m", "1h", "1d"]
+Exchange = Literal["NSE", "BSE", "NFO", "BFO", "MCX", "CDS", "BCD", "NCO"]  # instruments' CHECK
 GapStatus = Literal["open", "repaired", "unrecoverable"]
 TickStatusName = Literal["OK", "STALE", "RECOVERED"]
 
@@ -183,4 +184,9 @@ class Readiness(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    detail: str = Field(examples=["start: '2025-01-06T09:15' has no UTC offset"])
+    """Every 4xx body (and FastAPI's own validation errors, see ``api.rest.errors``)."""
+
+    detail: str = Field(
+        description="what is wrong and, where it helps, what to send instead",
+        examples=["start: '2025-01-06T09:15' has no UTC offset"],
+    )

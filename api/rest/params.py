@@ -18,6 +18,7 @@ from typing import Annotated
 
 import asyncpg
 from fastapi import HTTPException, Query, status
+from pydantic import Field
 
 from nadi.replay import to_datetime_us, to_epoch_us
 
@@ -26,29 +27,60 @@ IST = timezone(timedelta(hours=5, minutes=30), "IST")
 # An unescaped '+' in a query string arrives as a space ("09:15:00 05:30"): restore it rather
 # than reject the most common way people type an IST time into a URL.
 _SPACE_OFFSET = re.compile(r"^(.*\d)\s(\d{2}:?\d{2})$")
+# RFC 3339 / ISO-8601 extended: date, 'T' (or 't' or a space), hh:mm[:ss[.fraction]], offset.
+_ISO = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d{1,12}))?"
+    r"\s*([Zz]|[+-]\d{2}(?::?\d{2})?)?"
+)
 
 TIME_EXAMPLE = "2025-01-06T09:15:00+05:30"
+# Times the API accepts, UTC: wide enough for any market history, narrow enough that grid
+# arithmetic (a day either side) never leaves datetime's or PostgreSQL's range.
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+INT64_MAX = 2**63 - 1  # bigint: instrument tokens, sequence ids
+
+
+def _unprocessable(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
 
 
 def parse_time(name: str, value: str) -> datetime:
-    """ISO-8601 with an explicit offset -> aware datetime; 422 with the reason otherwise."""
+    """ISO-8601 with an explicit offset -> aware UTC datetime in ``[MIN_TIME, MAX_TIME)``;
+    422 with the reason otherwise. Fractions beyond microseconds are truncated (the database
+    keeps microseconds)."""
     text = value.strip()
     m = _SPACE_OFFSET.match(text)
     if m:
         text = f"{m.group(1)}+{m.group(2)}"
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"{name}: {value!r} is not an ISO-8601 time (e.g. {TIME_EXAMPLE})",
-        ) from None
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"{name}: {value!r} has no UTC offset; give one explicitly (e.g. {TIME_EXAMPLE})",
+    m = _ISO.fullmatch(text)
+    if m is None:
+        raise _unprocessable(f"{name}: {value!r} is not an ISO-8601 time (e.g. {TIME_EXAMPLE})")
+    day, hms, frac, offset = m.groups()
+    if offset is None:
+        raise _unprocessable(
+            f"{name}: {value!r} has no UTC offset; give one explicitly (e.g. {TIME_EXAMPLE})"
         )
-    return dt.astimezone(UTC)
+    if offset in ("Z", "z"):
+        offset = "+00:00"
+    elif len(offset) == 3:
+        offset += ":00"
+    elif ":" not in offset:
+        offset = f"{offset[:3]}:{offset[3:]}"
+    micro = f".{frac[:6].ljust(6, '0')}" if frac else ""
+    try:
+        dt = datetime.fromisoformat(f"{day}T{hms}{micro}{offset}").astimezone(UTC)
+    except ValueError:
+        raise _unprocessable(
+            f"{name}: {value!r} is not a valid time (check the date, time and offset)"
+        ) from None
+    except OverflowError:  # year 1 or 9999 shifted by its offset
+        dt = MIN_TIME - timedelta(days=1)
+    if not MIN_TIME <= dt < MAX_TIME:
+        raise _unprocessable(
+            f"{name}: {value!r} is outside {MIN_TIME:%Y-%m-%d}..{MAX_TIME:%Y-%m-%d} (UTC)"
+        )
+    return dt
 
 
 def iso(dt: datetime) -> str:
@@ -56,23 +88,50 @@ def iso(dt: datetime) -> str:
     return dt.astimezone(IST).isoformat()
 
 
+_TIME_SCHEMA = {"format": "date-time"}
 StartQuery = Annotated[
     str,
     Query(
-        description="range start, inclusive: ISO-8601 with an explicit offset",
+        description="range start, inclusive: ISO-8601 with an explicit offset (Z or ±hh:mm), "
+        f"from {MIN_TIME:%Y-%m-%d} to {MAX_TIME:%Y-%m-%d}",
+        max_length=64,
         examples=[TIME_EXAMPLE],
+        json_schema_extra=_TIME_SCHEMA,
     ),
 ]
 EndQuery = Annotated[
     str,
     Query(
-        description="range end, exclusive: ISO-8601 with an explicit offset",
+        description="range end, exclusive: ISO-8601 with an explicit offset (Z or ±hh:mm), "
+        f"from {MIN_TIME:%Y-%m-%d} to {MAX_TIME:%Y-%m-%d}",
+        max_length=64,
         examples=["2025-01-06T15:30:00+05:30"],
+        json_schema_extra=_TIME_SCHEMA,
     ),
 ]
+_INT64 = {"format": "int64"}
 TokenQuery = Annotated[
-    int, Query(gt=0, description="instrument token (Kite-style)", examples=[738561])
+    int,
+    Query(
+        gt=0,
+        le=INT64_MAX,
+        description="instrument token (Kite-style)",
+        examples=[738561],
+        json_schema_extra=_INT64,
+    ),
 ]
+OptionalTokenQuery = Annotated[
+    int | None,
+    Query(
+        gt=0,
+        le=INT64_MAX,
+        description="only this instrument token",
+        examples=[738561],
+        json_schema_extra=_INT64,
+    ),
+]
+Token = Annotated[int, Field(gt=0, le=INT64_MAX, json_schema_extra=_INT64)]
+"""An instrument token inside a list parameter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +144,7 @@ def time_range(start: StartQuery, end: EndQuery) -> TimeRange:
     """Dependency: a validated ``[start, end)``."""
     s, e = parse_time("start", start), parse_time("end", end)
     if s >= e:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"start ({iso(s)}) must be before end ({iso(e)})",
-        )
+        raise _unprocessable(f"start ({iso(s)}) must be before end ({iso(e)})")
     return TimeRange(s, e)
 
 
@@ -107,10 +163,20 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         us, seq = _CURSOR.unpack(raw)
         return to_datetime_us(us), seq
     except (binascii.Error, struct.error, ValueError, OverflowError):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail="cursor: not a cursor returned by this API (pass next_cursor unchanged)",
+        raise _unprocessable(
+            "cursor: not a cursor returned by this API (pass next_cursor unchanged)"
         ) from None
+
+
+CursorQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="next_cursor of the previous page, unchanged",
+        # Declared for clients; checked by decode_cursor, whose message says what to do.
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    ),
+]
 
 
 def cursor_after(dt: datetime, sequence_id: int) -> str:

@@ -15,15 +15,18 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 
+from api.auth import Scope, scoped
 from api.rest.deps import Pool
 from api.rest.models import ErrorOut
-from api.rest.params import TimeRange, ensure_known, time_range
+from api.rest.params import TimeRange, Token, ensure_known, time_range
 from nadi.replay import ReplayEngine
 from nadi.settings import Settings
 
 router = APIRouter(tags=["replay"])
 
 _encode = msgspec.json.Encoder().encode
+MAX_INSTRUMENTS = 500
+MIN_PACED_SPEED = 0.01
 
 
 @router.get(
@@ -45,24 +48,39 @@ _encode = msgspec.json.Encoder().encode
         422: {"model": ErrorOut},
     },
     summary="Replay stored ticks as NDJSON (speed 0 = as fast as possible, 1 = real time)",
+    **scoped(Scope.REPLAY),
 )
 async def replay(
     request: Request,
     pool: Pool,
     instrument_token: Annotated[
-        list[int], Query(description="repeat for several instruments", examples=[[738561]])
+        list[Token],
+        Query(
+            min_length=1,
+            max_length=MAX_INSTRUMENTS,
+            description=f"repeat for several instruments (1 to {MAX_INSTRUMENTS})",
+            examples=[[738561]],
+        ),
     ],
     rng: Annotated[TimeRange, Depends(time_range)],
     speed: Annotated[
-        float, Query(ge=0, le=10_000, description="0 = as fast as possible, 1 = real time, N = N×")
+        float,
+        Query(
+            ge=0,
+            le=10_000,
+            allow_inf_nan=False,
+            description=f"0 = as fast as possible, 1 = real time, N = N×; paced speeds "
+            f"from {MIN_PACED_SPEED:g}",
+        ),
     ] = 0.0,
 ) -> StreamingResponse:
-    tokens = sorted(set(instrument_token))
-    if not tokens or len(tokens) > 500 or any(t <= 0 for t in tokens):
+    if 0 < speed < MIN_PACED_SPEED:
+        # A replay paced at 1e-9× would hold a connection open for centuries.
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail="instrument_token: give 1 to 500 positive tokens",
+            detail=f"speed: 0 (as fast as possible) or {MIN_PACED_SPEED:g} to 10000 (got {speed:g})",
         )
+    tokens = sorted(set(instrument_token))
     await ensure_known(pool, tokens)
     settings: Settings = request.app.state.settings
     engine = ReplayEngine(pool, chunk_rows=settings.replay_chunk_rows)

@@ -7,9 +7,11 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Depends, Query, Response
 
+from api.auth import Scope, scoped
 from api.rest.deps import Pool
 from api.rest.models import ErrorOut, TickPage
 from api.rest.params import (
+    CursorQuery,
     TimeRange,
     TokenQuery,
     cursor_after,
@@ -41,15 +43,14 @@ _FIELDS = ("last_price", "last_qty", "volume", "oi", "bid", "ask", "bid_qty", "a
     response_model=TickPage,
     responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
     summary="Stored ticks of one instrument, oldest first, paginated",
+    **scoped(Scope.READ),
 )
 async def get_ticks(
     pool: Pool,
     instrument_token: TokenQuery,
     rng: Annotated[TimeRange, Depends(time_range)],
     limit: Annotated[int, Query(ge=1, le=10_000, description="ticks per page")] = 1000,
-    cursor: Annotated[
-        str | None, Query(max_length=64, description="next_cursor of the previous page")
-    ] = None,
+    cursor: CursorQuery = None,
 ) -> Response:
     after_ts, after_seq = decode_cursor(cursor) if cursor else (rng.start, -1)
     async with pool.acquire() as conn:

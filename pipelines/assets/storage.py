@@ -5,14 +5,22 @@ Dagster runs the storage policies on both editions instead of TimescaleDB's job 
 
 * ``ticks_hypertable``: pending migrations, the chunk interval, TimescaleDB's own policy jobs
   (installed only with ``NADI_TIMESCALE_POLICIES=true`` and the Timescale license; otherwise
-  removed, and TimescaleDB's built-in jobs paused), VACUUM (ANALYZE) of recent chunks. Its
-  check ``timescaledb_jobs_ok`` reports every scheduled TimescaleDB job whose last run failed.
+  removed, and TimescaleDB's built-in jobs paused), ANALYZE of recent chunks. Its check
+  ``timescaledb_jobs_ok`` reports every scheduled TimescaleDB job whose last run failed.
 * ``ticks_retention``: ``drop_chunks`` past the retention horizon (both editions).
 * ``ticks_compression``: ``compress_chunk`` of chunks past the compression age (Timescale
   license; on the Apache edition it records that compression is unavailable).
 
 Each materialization records its figures (chunks, rows, bytes, seconds). The candle refresh
 policy is ``candle_refresh_policy`` in the aggregates group. All are retried by Dagster.
+
+Dagster connects as nadi_maint (dbt_or_sql/0013_roles.sql), not as the owner: every step only
+an owner may run on PostgreSQL 15 (chunk interval, drop_chunks, compression, ANALYZE,
+TimescaleDB's policies on ``ticks`` and its built-in jobs) goes through a ``nadi_maint_*``
+SECURITY DEFINER function owned by the owner, which checks its arguments. The continuous
+aggregates are owned by nadi_maint itself (their refresh cannot run inside a function).
+VACUUM cannot run inside a function either: autovacuum does it, tuned for the churn of
+``candle_dirty`` by 0013.
 
 ``ticks`` is written by the MarketDataProcessor, not by Dagster: it is an external asset
 partitioned by trading day, there so the graph shows what candles, repairs, reconciliations and
@@ -74,7 +82,7 @@ class TicksPolicyConfig(Config):
         None, ge=1, description="for the compression policy job; empty: NADI_COMPRESS_AFTER_DAYS"
     )
     analyze_recent_hours: int = Field(
-        48, ge=1, description="VACUUM (ANALYZE) the chunks of the last N hours"
+        48, ge=1, description="ANALYZE the chunks of the last N hours"
     )
 
 
@@ -101,17 +109,9 @@ def _or_setting(value: int | bool | None, name: str) -> Any:
 
 
 async def _enable_compression(conn: asyncpg.Connection) -> None:
-    """Segment by instrument (every read is per instrument), order by time then sequence."""
-    enabled = await conn.fetchval(
-        "SELECT compression_enabled FROM timescaledb_information.hypertables"
-        " WHERE hypertable_name = 'ticks'"
-    )
-    if not enabled:
-        await conn.execute(
-            "ALTER TABLE ticks SET (timescaledb.compress,"
-            " timescaledb.compress_segmentby = 'instrument_token',"
-            " timescaledb.compress_orderby = 'exchange_ts, sequence_id')"
-        )
+    """Segment by instrument (every read is per instrument), order by time then sequence (the
+    settings are in 0013's nadi_maint_enable_compression; a no-op once enabled)."""
+    await conn.execute("SELECT nadi_maint_enable_compression()")
 
 
 async def _sync_timescale_policies(
@@ -122,8 +122,9 @@ async def _sync_timescale_policies(
         await conn.execute(
             f"SELECT remove_continuous_aggregate_policy('{view}', if_exists => TRUE)"
         )
-    await conn.execute("SELECT remove_retention_policy('ticks', if_exists => TRUE)")
-    await conn.execute("SELECT remove_compression_policy('ticks', if_exists => TRUE)")
+    # The policies on ticks need its owner: nadi_maint_* functions (NULL removes).
+    await conn.execute("SELECT nadi_maint_set_retention('ticks', NULL)")
+    await conn.execute("SELECT nadi_maint_set_compression('ticks', NULL)")
     installed: list[str] = []
     if on:
         # Late ticks older than 2 days are refreshed by Dagster (candle_refresh_policy).
@@ -137,24 +138,19 @@ async def _sync_timescale_policies(
             installed.append(f"refresh {view}")
         if retention_days:
             await conn.execute(
-                "SELECT add_retention_policy('ticks', $1::interval)",
+                "SELECT nadi_maint_set_retention('ticks', $1::interval)",
                 timedelta(days=retention_days),
             )
             installed.append(f"retention {retention_days} d")
-        await _enable_compression(conn)
         await conn.execute(
-            "SELECT add_compression_policy('ticks', compress_after => $1::interval)",
+            "SELECT nadi_maint_set_compression('ticks', $1::interval)",
             timedelta(days=compress_after_days),
         )
         installed.append(f"compression after {compress_after_days} d")
     # TimescaleDB's own jobs (job-history retention) run with the policies, or not at all.
-    paused = await conn.fetch(
-        """SELECT alter_job(job_id, scheduled => $1) FROM timescaledb_information.jobs
-           WHERE proc_schema = '_timescaledb_functions' AND hypertable_name IS NULL
-             AND scheduled IS DISTINCT FROM $1""",
-        on,
-    )
-    return {"installed": installed, "builtin_jobs_toggled": len(paused)}
+    # They are not ours (their owner is the extension's): a nadi_maint_* function toggles them.
+    toggled = int(await conn.fetchval("SELECT nadi_maint_schedule_builtin_jobs($1)", on))
+    return {"installed": installed, "builtin_jobs_toggled": toggled}
 
 
 _JOBS_SQL = """
@@ -226,7 +222,7 @@ async def _maintain(
 
         t = time.perf_counter()
         await conn.execute(
-            "SELECT set_chunk_time_interval('ticks', $1::interval)",
+            "SELECT nadi_maint_set_chunk_interval('ticks', $1::interval)",
             timedelta(hours=cfg.chunk_interval_hours),
         )
         timings["chunk_interval_ms"] = _ms(t)
@@ -257,11 +253,11 @@ async def _maintain(
                 timedelta(hours=cfg.analyze_recent_hours),
             )
         ]
-        for chunk in chunks:
-            await conn.execute(f"VACUUM (ANALYZE) {chunk}")
-        await conn.execute("VACUUM (ANALYZE) candle_dirty, sequence_gaps")
+        # ANALYZE only, as the owner: VACUUM cannot run in a function (autovacuum does it).
+        for table in [*chunks, "candle_dirty", "sequence_gaps"]:
+            await conn.execute("SELECT nadi_maint_analyze($1::regclass)", table)
         out["chunks_analyzed"] = len(chunks)
-        timings["vacuum_analyze_ms"] = _ms(t)
+        timings["analyze_ms"] = _ms(t)
 
         stats = await conn.fetchrow(
             """SELECT approximate_row_count('ticks') AS rows,
@@ -317,8 +313,9 @@ async def _redis_memory(redis: RedisResource) -> str:
         "The `ticks` hypertable. Materializing applies pending `dbt_or_sql/` migrations, sets "
         "the chunk interval, installs or removes TimescaleDB's policy jobs "
         "(`NADI_TIMESCALE_POLICIES`, off by default: Dagster's policy assets do the work) and "
-        "runs VACUUM (ANALYZE) on recent chunks; its check reports TimescaleDB job failures. "
-        "Safe to run any time."
+        "runs ANALYZE on recent chunks (autovacuum does the VACUUM); its check reports "
+        "TimescaleDB job failures. Runs as nadi_maint: owner-only steps go through the "
+        "`nadi_maint_*` functions. Safe to run any time."
     ),
 )
 def ticks_hypertable(
@@ -396,9 +393,7 @@ async def drop_old_chunks(conn: asyncpg.Connection, retention_days: int) -> dict
                 horizon,
             )
         )
-        dropped = await conn.fetch(
-            "SELECT drop_chunks('ticks', older_than => now() - $1::interval)", horizon
-        )
+        dropped = await conn.fetch("SELECT nadi_maint_drop_chunks('ticks', $1::interval)", horizon)
         out["chunks_dropped"] = len(dropped)
     out["oldest_tick_chunk"] = str(
         await conn.fetchval(
@@ -464,9 +459,7 @@ async def compress_old_chunks(conn: asyncpg.Connection, after_days: int) -> dict
             )
         ]
         for chunk in chunks:
-            await conn.execute(
-                "SELECT compress_chunk($1::regclass, if_not_compressed => TRUE)", chunk
-            )
+            await conn.execute("SELECT nadi_maint_compress_chunk($1::regclass)", chunk)
         out["chunks_compressed"] = len(chunks)
         out["compression"] = f"chunks older than {after_days} d"
         st = await conn.fetchrow(

@@ -165,7 +165,8 @@ class MarketDataProcessor:
         # A database that is down or restarting at start-up is waited for, not fatal: a worker
         # respawned during a PostgreSQL restart used to exit here, leaving the group empty.
         pool = await self._starting(
-            "pool", lambda: create_pool(s, min_size=1, max_size=3, init=init_connection)
+            "pool",
+            lambda: create_pool(s, dsn=s.ingest_dsn, min_size=1, max_size=3, init=init_connection),
         )
         redis_client = aioredis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5)
         producer = AIOKafkaProducer(

@@ -65,6 +65,8 @@ def select_instruments(master: Sequence[Instrument], spec: str) -> list[Instrume
 
 
 async def _load_master(dsn: str, instruments: Sequence[Instrument]) -> int:
+    """Upsert the instrument master as ``dsn``: nadi_maint's (NADI_PG_MAINT_DSN), the role
+    that loads reference data (dbt_or_sql/0013_roles.sql)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn, timeout=10)
@@ -183,7 +185,7 @@ def simulate(
     registry = GeneratorRegistry(seed, instruments_for, density=density)
     if load_instruments:
         try:
-            n = asyncio.run(_load_master(settings.pg_dsn, bundled_instruments(first_day)))
+            n = asyncio.run(_load_master(settings.maint_dsn, bundled_instruments(first_day)))
             _note("instruments loaded", rows=n)
         except Exception as e:  # the master may lag the feed (DESIGN.md 4): warn, go on
             _note("instruments not loaded", error=str(e))
@@ -277,5 +279,5 @@ def instruments_load(
     """Load Kite's instruments CSV into the ``instruments`` table (upsert by token)."""
     settings = get_settings()
     rows = load_kite_csv(path)
-    n = asyncio.run(_load_master(settings.pg_dsn, rows))
+    n = asyncio.run(_load_master(settings.maint_dsn, rows))
     print(json.dumps({"loaded": n, "path": str(path)}))
