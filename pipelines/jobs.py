@@ -8,15 +8,12 @@ from datetime import date
 
 from dagster import (
     AssetSelection,
-    JobDefinition,
+    DagsterRunStatus,
     OpExecutionContext,
     define_asset_job,
     in_process_executor,
     job,
     op,
-)
-from dagster._core.definitions.unresolved_asset_job_definition import (
-    UnresolvedAssetJobDefinition,
 )
 
 from nadi.redis_keys import RedisKeys
@@ -131,7 +128,18 @@ def gap_repair_off_calendar_job() -> None:
     repair_gaps_off_calendar()
 
 
-all_jobs: list[JobDefinition | UnresolvedAssetJobDefinition] = [
+# A run in one of these states is under way: schedules and sensors do not start another of its
+# job. The same set as Dagster's internal IN_PROGRESS_RUN_STATUSES, named with the public enum.
+IN_PROGRESS_RUN_STATUSES = (
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+    DagsterRunStatus.SUSPENDED,
+)
+
+# A tuple, not an annotated list: each element keeps its own Dagster type without naming the
+# private UnresolvedAssetJobDefinition, and Definitions(jobs=...) takes any iterable.
+all_jobs = (
     storage_job,
     candle_refresh_job,
     candles_job,
@@ -139,4 +147,4 @@ all_jobs: list[JobDefinition | UnresolvedAssetJobDefinition] = [
     eod_reconciliation_job,
     replay_job,
     gap_repair_off_calendar_job,
-]
+)

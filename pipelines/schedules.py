@@ -14,10 +14,10 @@ from dagster import (
     SkipReason,
     schedule,
 )
-from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from nadi.calendar import IST, SESSION_CLOSE, SESSION_OPEN, is_trading_day, previous_trading_day
 from pipelines.jobs import (
+    IN_PROGRESS_RUN_STATUSES,
     candle_refresh_job,
     candles_job,
     eod_reconciliation_job,

@@ -14,10 +14,9 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from nadi.calendar import is_trading_day, today_ist
-from pipelines.jobs import gap_repair_job, gap_repair_off_calendar_job
+from pipelines.jobs import IN_PROGRESS_RUN_STATUSES, gap_repair_job, gap_repair_off_calendar_job
 from pipelines.partitions import PARTITIONS_START, partition_key
 from pipelines.resources import TimescaleResource, run_async
 
