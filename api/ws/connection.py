@@ -45,14 +45,17 @@ Lane = deque[tuple[int, bytes]]  # (serial, message)
 class Subscription:
     """A connection's interest in one instrument. While ``live`` is False a catch-up is running
     and live ticks are parked in ``buffer`` (bounded: on overflow it is emptied and
-    ``overflow`` set, and the catch-up re-reads the ring instead, which holds all of them)."""
+    ``overflow`` set, and the catch-up re-reads the ring instead, which holds all of them).
+    Once live, a tick at or below ``floor`` (the last ring offset the catch-up sent) is one the
+    catch-up read from the ring before the hub dispatched it, and is not sent again."""
 
-    __slots__ = ("buffer", "buffer_cap", "conn", "live", "overflow", "task", "token")
+    __slots__ = ("buffer", "buffer_cap", "conn", "floor", "live", "overflow", "task", "token")
 
     def __init__(self, conn: Connection, token: int, buffer_cap: int) -> None:
         self.conn = conn
         self.token = token
         self.live = False
+        self.floor = (-1, -1)
         self.buffer: list[tuple[tuple[int, int], bytes]] = []
         self.buffer_cap = buffer_cap
         self.overflow = False
@@ -61,7 +64,8 @@ class Subscription:
     def deliver(self, offset: tuple[int, int], message: bytes) -> None:
         """Called by the hub for each live tick of ``token`` (never blocks)."""
         if self.live:
-            self.conn.push(message)
+            if offset > self.floor:
+                self.conn.push(message)
         elif len(self.buffer) < self.buffer_cap:
             self.buffer.append((offset, message))
         else:
