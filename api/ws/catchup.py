@@ -79,7 +79,7 @@ from nadi.ring import LiveTick
 
 PAGE = 500  # ring entries per XRANGE (and per catch-up page sent)
 DB_PAGE = BATCH_TICKS  # rows per database page: one keyset query per ReplayEngine batch
-_OFFSET_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+_OFFSET_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # ASCII digits (\d takes any script's)
 _MAX_ID_PART = 2**64 - 1
 EARLIEST_SINCE_US = 0  # 1970-01-01: nothing is stored before it
 
@@ -108,7 +108,7 @@ class SinceExpired(Exception):
 def parse_since(since: str, *, now_us: int, max_future_skew_s: float) -> str | datetime:
     """A ring offset (returned as is) or an aware datetime in [1970, now + skew]; ValueError
     (with the reason, for the client) otherwise."""
-    if _OFFSET_RE.match(since):
+    if _OFFSET_RE.fullmatch(since):
         ms, _, seq = since.partition("-")
         if int(ms) > _MAX_ID_PART or int(seq) >= _MAX_ID_PART:
             raise ValueError("since: a ring offset is two 64-bit unsigned integers")
