@@ -18,6 +18,7 @@ at its hub); Hypothesis drives a synchronous websockets client from the test's t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -130,8 +131,9 @@ class Server:
         feed sees the stop may miss a batch still being written (the control client then
         rightly has ticks past it)."""
         assert self._stop is not None
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(60)
         assert not self._thread.is_alive(), "the server thread did not stop"
         if self._failed is not None:
             raise self._failed
@@ -171,6 +173,12 @@ def server(migrated: Settings) -> Iterator[Server]:
     srv = Server(s)
     srv.start()
     yield srv
+    # Also when the test failed before stopping it: its live feed must not keep writing into
+    # the Redis db of the tests that follow.
+    with contextlib.suppress(Exception):
+        srv.stop()
+    if not srv.loop.is_running():
+        srv.loop.close()
 
 
 # ---- what the client sends, and what the protocol says about it --------------------------------

@@ -263,6 +263,9 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         key = await _authenticate(ws, settings)
         if key is None:
             return
+    # Scopes (issue 10, item 5; they come with api.auth's per-key scopes): /ws needs ``read``.
+    # Check it here, once for both ways in (header or first ``auth`` message): a valid key
+    # without ``read`` closes with 4003 before any subscription. Auth off: every scope.
     conn = Connection(
         ws.send_text,
         queue_size=settings.ws_queue_size,
