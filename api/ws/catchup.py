@@ -3,13 +3,13 @@
 Exactly once. The subscription is registered with the hub *before* anything is read, and parks
 live ticks in its buffer while ``live`` is False. So every tick is either already in the ring
 when catch-up reads it, or reaches the buffer afterwards (the processor appends to the ring and
-to ``nadi:live`` in one Lua call). The switch is one synchronous step (no ``await``): buffered
-ticks whose ring offset is above the last one read are queued, ``live`` turns True with that
-offset as the subscription's ``floor``, and ``synced`` is queued with it. The hub may dispatch
-an entry after catch-up already read it from the ring: once live, the subscription sends only
-ticks above its floor. Ring offsets increase per instrument stream, so this de-duplication by
-offset is exact. If the buffer overflowed, the ring is read again from the
-last entry read before switching.
+to the live stream in one Lua call; key names from ``nadi.redis_keys.RedisKeys``). The switch
+is one synchronous step (no ``await``): buffered ticks whose ring offset is above the last one
+read are queued, ``live`` turns True with that offset as the subscription's ``floor``, and
+``synced`` is queued with it. The hub may dispatch an entry after catch-up already read it from
+the ring: once live, the subscription sends only ticks above its floor. Ring offsets increase
+per instrument stream, so this de-duplication by offset is exact. If the buffer overflowed, the
+ring is read again from the last entry read before switching.
 
 Paced by the client. History (ring or database) is read a page at a time, and the next page
 only once the connection's reliable lane is down to its low-water mark (``connection.py``):

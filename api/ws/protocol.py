@@ -19,8 +19,9 @@ and one syscall per message). Messages::
     {"type": "pong"}
 
 ``exchange_ts`` of a tick is UTC epoch nanoseconds; prices are rupees. ``offset`` is the tick's
-ring offset (the id of its entry in ``nadi:ring:{token}``); ticks read from the database during
-a catch-up older than the ring have none (``null``): resume those with an ISO-8601 ``since``.
+ring offset (the id of its entry in the instrument's ring, ``RedisKeys.ring(token)``); ticks
+read from the database during a catch-up older than the ring have none (``null``): resume
+those with an ISO-8601 ``since``.
 """
 
 from __future__ import annotations
