@@ -25,7 +25,9 @@ def bench_settings(base: Settings, name: str, partitions: int | None = None) -> 
     root = base.pg_dsn.rsplit("/", 1)[0]
     return base.model_copy(
         update={
-            "pg_dsn": f"{root}/nadi_bench",
+            # Beside the caller's database (nadi -> nadi_bench), so runs with private databases
+            # do not drop each other's.
+            "pg_dsn": f"{root}/{base.pg_database}_bench",
             "redis_url": base.redis_url.rsplit("/", 1)[0] + "/14",
             "topic_ticks": f"bench.{name}.{run}",
             "topic_dlq": f"bench.{name}.dlq.{run}",
@@ -37,6 +39,25 @@ def bench_settings(base: Settings, name: str, partitions: int | None = None) -> 
 
 
 async def fresh_database(s: Settings) -> None:
+    """Recreate the benchmark's database. Its Redis keys are namespaced by the database's
+    identity (nadi.redis_keys), so the new database never sees the old one's; those are
+    deleted by their prefix rather than by flushing a Redis db another run may share."""
+    import redis.asyncio as aioredis
+
+    from nadi.redis_keys import RedisKeys
+
+    old: RedisKeys | None = None
+    try:
+        conn = await asyncpg.connect(s.pg_dsn)
+    except asyncpg.InvalidCatalogNameError:
+        conn = None
+    if conn is not None:
+        try:
+            old = await RedisKeys.load(conn)
+        except (asyncpg.PostgresError, RuntimeError):
+            old = None  # not migrated yet: no keys of its own
+        finally:
+            await conn.close()
     admin = await asyncpg.connect(s.pg_dsn.rsplit("/", 1)[0] + "/postgres")
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{s.pg_database}" WITH (FORCE)')
@@ -44,11 +65,13 @@ async def fresh_database(s: Settings) -> None:
     finally:
         await admin.close()
     await run_migrations(s)
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(s.redis_url)
-    await r.flushdb()
-    await r.aclose()
+    if old is not None:
+        r = aioredis.from_url(s.redis_url)
+        try:
+            async for key in r.scan_iter(match=f"{old.prefix}*", count=1000):
+                await r.unlink(key)
+        finally:
+            await r.aclose()
 
 
 async def create_topics(s: Settings, *names_partitions: tuple[str, int]) -> None:

@@ -7,6 +7,11 @@ receive latency in two phases of ``phase`` seconds each: phase 1 without, phase 
 ``stalled`` more connections (their own process, tiny receive buffers) that subscribe and never
 read. The API's RSS is sampled per phase. Target: phase-2 p99 <= 1.2 x phase-1 p99, RSS bounded
 (the outbound queues are bounded: ``ws_queue_size`` messages per connection).
+
+A thundering herd (issue 10): every connection, readers and stalled ones, is opened at the same
+wall-clock instant (``connect_spread_s`` says how close together they got); the readers
+subscribe at once, the stalled ones only when phase 1 ends. ``reader_failures`` counts readers
+that failed to connect, subscribe or read (target 0).
 """
 
 from __future__ import annotations
@@ -34,14 +39,22 @@ from nadi.settings import Settings, get_settings
 
 
 def _readers(
-    url: str, first: int, n: int, phases: list[tuple[float, float]], end_at: float, out: Any
+    url: str,
+    first: int,
+    n: int,
+    connect_at: float,
+    phases: list[tuple[float, float]],
+    end_at: float,
+    out: Any,
 ) -> None:
-    """Client process: ``n`` reading connections; one latency histogram per phase -> ``out``."""
+    """Client process: ``n`` reading connections, all opened at ``connect_at``; one latency
+    histogram per phase -> ``out``."""
     from websockets.asyncio.client import connect
 
     hists = [new_hist() for _ in phases]
     counts = [0 for _ in phases]
     errors: list[str] = []
+    opened: list[float] = []
 
     async def one(k: int) -> None:
         tok = TOKENS[(first + k) % len(TOKENS)]
@@ -49,6 +62,7 @@ def _readers(
             async with connect(
                 url, compression=None, proxy=None, max_size=None, open_timeout=60
             ) as ws:
+                opened.append(time.time())
                 await subscribe(ws, [tok])
                 while time.time() < end_at:
                     try:
@@ -64,29 +78,34 @@ def _readers(
             errors.append(f"{type(e).__name__}: {e}")
 
     async def main() -> None:
-        tasks = []
-        for k in range(n):
-            tasks.append(asyncio.create_task(one(k)))
-            if k % 50 == 49:
-                await asyncio.sleep(0.05)  # do not stampede the accept queue
-        await asyncio.gather(*tasks)
+        await asyncio.sleep(max(0.0, connect_at - time.time()))
+        # All at once: a restarted API sees every screen reconnect in the same second.
+        await asyncio.gather(*(one(k) for k in range(n)))
 
     asyncio.run(main())
-    out.put({"hists": hists, "counts": counts, "errors": errors[:5], "failed": len(errors)})
+    out.put({"hists": hists, "counts": counts, "errors": errors[:5], "failed": len(errors),
+             "opened": opened and [min(opened), max(opened)]})  # fmt: skip
 
 
-def _stallers(url: str, n: int, connect_at: float, end_at: float, out: Any) -> None:
-    """Client process: ``n`` connections that subscribe and then never read."""
+def _stallers(
+    url: str, n: int, connect_at: float, subscribe_at: float, end_at: float, out: Any
+) -> None:
+    """Client process: ``n`` connections opened at ``connect_at`` (with the readers) that
+    subscribe at ``subscribe_at`` and then never read."""
     from websockets.asyncio.client import connect
+
+    opened: list[float] = []
 
     async def one(k: int) -> Any:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         host, port = url.removeprefix("ws://").split("/")[0].split(":")
-        sock.connect((host, int(port)))
         sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
         ws = await connect(url, sock=sock, compression=None, proxy=None, max_queue=1,
                            open_timeout=60, close_timeout=1).__aenter__()  # fmt: skip
+        opened.append(time.time())
+        await asyncio.sleep(max(0.0, subscribe_at - time.time()))
         await subscribe(ws, [TOKENS[k % len(TOKENS)]])
         return ws
 
@@ -96,7 +115,8 @@ def _stallers(url: str, n: int, connect_at: float, end_at: float, out: Any) -> N
         ok = [c for c in conns if not isinstance(c, BaseException)]
         await asyncio.sleep(max(0.0, end_at - time.time()))  # never read
         closed_by_server = sum(1 for c in ok if c.state.name != "OPEN")
-        out.put({"stalled_connected": len(ok), "closed_by_server": closed_by_server})
+        out.put({"stalled_connected": len(ok), "closed_by_server": closed_by_server,
+                 "opened": opened and [min(opened), max(opened)]})  # fmt: skip
         for c in ok:
             c.transport.abort()
 
@@ -118,9 +138,11 @@ async def run(
     ) as stack:
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
-        # Timeline (wall clock): connect readers; warm-up 3 s; phase 1; stallers connect and
-        # fill their buffers for 5 s; phase 2.
-        t0 = time.time() + 10 + readers / 100  # time for every reader to connect
+        # Timeline (wall clock): every connection opens at connect_at (the client processes
+        # have started by then) and the readers subscribe; warm-up 3 s; phase 1; stallers
+        # subscribe and fill their buffers for 5 s; phase 2.
+        connect_at = time.time() + 8
+        t0 = connect_at + 10 + readers / 100  # time for every reader to subscribe
         p1 = (t0 + 3, t0 + 3 + phase_s)
         p2 = (p1[1] + 5, p1[1] + 5 + phase_s)
         end_at = p2[1] + 1
@@ -132,11 +154,17 @@ async def run(
         first = 0
         for n in per:
             procs.append(
-                ctx.Process(target=_readers, args=(stack.ws_url, first, n, [p1, p2], end_at, out))
+                ctx.Process(
+                    target=_readers,
+                    args=(stack.ws_url, first, n, connect_at, [p1, p2], end_at, out),
+                )
             )
             first += n
         procs.append(
-            ctx.Process(target=_stallers, args=(stack.ws_url, stalled, p1[1], end_at, out))
+            ctx.Process(
+                target=_stallers,
+                args=(stack.ws_url, stalled, connect_at, p1[1], end_at, out),
+            )
         )
         for p in procs:
             p.start()
@@ -155,12 +183,16 @@ async def run(
     h1 = merge([r["hists"][0] for r in reads])
     h2 = merge([r["hists"][1] for r in reads])
     p99_1, p99_2 = percentile_ms(h1, 0.99), percentile_ms(h2, 0.99)
+    spans = [r["opened"] for r in results if r.get("opened")]
+    spread = round(max(b for _, b in spans) - min(a for a, _ in spans), 2) if spans else None
+    stall.pop("opened", None)
     return {
         "connections": connections,
         "stalled": stalled,
         "rate": rate,
         "phase_s": phase_s,
         "client_procs": client_procs,
+        "connect_spread_s": spread,  # first to last connection opened (all start at once)
         "delivered_per_s": [round(sum(r["counts"][i] for r in reads) / phase_s) for i in (0, 1)],
         "p50_ms": [percentile_ms(h1, 0.5), percentile_ms(h2, 0.5)],
         "p99_ms": [p99_1, p99_2],

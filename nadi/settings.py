@@ -132,13 +132,30 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8000,http://localhost:8000",
         description="comma-separated Origin allowlist for browsers ('*' allows any)",
     )
-    ws_queue_size: int = Field(1000, ge=10, description="outbound messages per connection")
+    # WebSocket /ws limits (issue 10; DESIGN.md section 7). Per connection unless said
+    # otherwise; exceeding one gets an ``error`` frame with a code or a close code, never a
+    # crash (README, "WebSocket"). ``ws_queue_size`` bounds the live lane (drop-oldest); the
+    # catch-up/control lane holds about as much and is filled only as the client reads.
+    ws_queue_size: int = Field(1000, ge=10, description="outbound live messages per connection")
     ws_stall_timeout_s: float = Field(
         30.0, gt=0, description="disconnect a client stalled this long"
     )
-    ws_max_message_bytes: int = Field(16_384, ge=256, description="largest client message")
+    ws_max_message_bytes: int = Field(
+        16_384, ge=256, description="largest client message (bytes); larger closes with 1009"
+    )
+    ws_max_frame_bytes: int = Field(
+        262_144, ge=4096, description="largest outbound frame (coalesced messages, bytes)"
+    )
     ws_max_subscriptions: int = Field(200, ge=1, description="instruments per connection")
-    ws_max_connections_per_key: int = Field(2000, ge=1)
+    ws_subscribes_per_s: float = Field(
+        20.0, gt=0, description="subscribe/unsubscribe messages per second (burst: as many)"
+    )
+    ws_max_connections_per_key: int = Field(
+        2000, ge=1, description="open /ws connections per API key (auth off: all together)"
+    )
+    ws_catchup_concurrency: int = Field(
+        8, ge=1, le=256, description="catch-up reads (Redis or database) in flight per API process"
+    )
     replay_chunk_rows: int = Field(5000, ge=100, description="rows per keyset page of a replay")
 
     # Orchestration (issue "Orchestration").

@@ -328,7 +328,7 @@ async def _watch_queues(hub: Hub, limit: int, stop: asyncio.Event) -> int:
     peak = 0
     while not stop.is_set():
         for c in hub.connections:
-            peak = max(peak, len(c.queue))
+            peak = max(peak, len(c.live))
         assert peak <= limit
         await asyncio.sleep(0.005)
     return peak

@@ -1,4 +1,7 @@
-"""Helpers for WebSocket tests: a real uvicorn server in the test's event loop, a client."""
+"""Helpers for WebSocket tests: a real uvicorn server in the test's event loop (or a
+subprocess), clients, stored history and a paced live feed through the processor's own
+RingWriter (ring + live stream in one call, as the processor writes them, under the
+database's RedisKeys)."""
 
 from __future__ import annotations
 
@@ -6,15 +9,23 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 
 from api.app import create_app
+from nadi.redis_keys import RedisKeys
+from nadi.ring import RingWriter
 from nadi.settings import Settings
+from tests.feedgen import tick
 
 
 def free_port() -> int:
@@ -77,9 +88,13 @@ def api_env(settings: Settings) -> dict[str, str]:
         "NADI_REDIS_URL": settings.redis_url,
         "NADI_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "NADI_ALLOWED_ORIGINS": settings.allowed_origins,
-        "NADI_WS_QUEUE_SIZE": str(settings.ws_queue_size),
-        "NADI_WS_STALL_TIMEOUT_S": str(settings.ws_stall_timeout_s),
-        "NADI_WS_MAX_CONNECTIONS_PER_KEY": str(settings.ws_max_connections_per_key),
+        "NADI_MAX_FUTURE_SKEW": str(settings.max_future_skew_s),
+        # Every WebSocket setting, so the subprocess runs with the test's limits.
+        **{
+            f"NADI_{name.upper()}": str(getattr(settings, name))
+            for name in Settings.model_fields
+            if name.startswith("ws_")
+        },
         "NADI_METRICS_PORT": "0",
         **({"NADI_API_KEYS": settings.api_keys} if settings.api_keys else {}),
     }
@@ -111,3 +126,145 @@ async def spawn_api(settings: Settings, port: int, log: str) -> asyncio.subproce
             await asyncio.sleep(0.1)
     proc.terminate()
     raise RuntimeError(f"the API did not start; see {log}")
+
+
+# ---- history and a live feed ------------------------------------------------------------------
+
+
+def iso(ts_ns: int) -> str:
+    """UTC epoch ns -> ISO-8601 with offset (microseconds, as stored)."""
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ts_ns // 1000)).isoformat()
+
+
+def ts_of(base_ns: int, seq: int) -> int:
+    """The exchange_ts the helpers give tick ``seq``: one per millisecond after ``base_ns``."""
+    return base_ns + seq * 1_000_000
+
+
+async def store_history(
+    pg: asyncpg.Connection, tokens: Sequence[int], seqs: range, base_ns: int
+) -> None:
+    """Ticks ``seqs`` of every token straight into ``ticks`` (status OK), as the processor
+    would have stored them."""
+    rows = []
+    for tok in tokens:
+        for q in seqs:
+            t = tick(tok, q, ts_of(base_ns, q))
+            when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
+                microseconds=t.exchange_ts_ns // 1000
+            )
+            rows.append((tok, when, q, t.last_price, t.last_qty, t.volume, t.bid, t.ask,
+                         t.bid_qty, t.ask_qty, "OK", t.feed))  # fmt: skip
+    await pg.copy_records_to_table(
+        "ticks",
+        records=rows,
+        columns=["instrument_token", "exchange_ts", "sequence_id", "last_price", "last_qty",
+                 "volume", "bid", "ask", "bid_qty", "ask_qty", "status", "feed"],
+    )  # fmt: skip
+
+
+async def ring_append(
+    r: aioredis.Redis,
+    keys: RedisKeys,
+    tokens: Sequence[int],
+    seqs: range,
+    base_ns: int,
+    maxlen: int = 10_000,
+) -> None:
+    """Ticks ``seqs`` of every token, interleaved, into the rings and the live stream of the
+    database ``keys`` belongs to."""
+    ticks = [tick(tok, q, ts_of(base_ns, q)) for q in seqs for tok in tokens]
+    if not ticks:
+        return
+    ring = RingWriter(r, keys, maxlen=maxlen, ttl_s=3600)
+    day = ticks[0].trading_day_ordinal
+    await ring.append(ticks, [day] * len(ticks), ["OK"] * len(ticks))
+
+
+class LiveFeed:
+    """``rate`` ticks/s over ``tokens`` (sequence ids from ``first``), in 10 ms batches, until
+    stopped; ``last`` is the last sequence id written for every token."""
+
+    def __init__(
+        self,
+        r: aioredis.Redis,
+        keys: RedisKeys,
+        tokens: Sequence[int],
+        first: int,
+        base_ns: int,
+        rate: int,
+    ) -> None:
+        self.r, self.keys, self.tokens, self.base_ns = r, keys, list(tokens), base_ns
+        self.per_slot = max(1, rate // 100 // len(self.tokens))  # per token per 10 ms
+        self.next = first
+        self.last = first - 1
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        t0 = time.monotonic()
+        slot = 0
+        while not self._stop.is_set():
+            seqs = range(self.next, self.next + self.per_slot)
+            await ring_append(self.r, self.keys, self.tokens, seqs, self.base_ns)
+            self.next += self.per_slot
+            self.last = self.next - 1
+            slot += 1
+            await asyncio.sleep(max(0.0, t0 + slot * 0.01 - time.monotonic()))
+
+    def start(self) -> LiveFeed:
+        self._task = asyncio.create_task(self._run(), name="test-live-feed")
+        return self
+
+    async def stop(self) -> int:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        return self.last
+
+
+class _Msg(msgspec.Struct):
+    type: str
+    instrument_token: int | None = None
+    sequence_id: int | None = None
+    offset: str | None = None
+    count: int | None = None
+    code: str | None = None
+
+
+_decode_frame = msgspec.json.Decoder(list[_Msg] | _Msg).decode
+
+
+class Received:
+    """What one client got, per instrument: sequence ids (and whether each had a ring offset),
+    ``synced`` messages, ``dropped`` counts and errors. Cheap enough for 1,000 clients."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[int, list[int]] = {}
+        self.from_db: dict[int, int] = {}  # ticks without a ring offset, per instrument
+        self.synced: dict[int, int] = {}  # count per instrument
+        self.synced_at: dict[int, int] = {}  # len(seqs[token]) when synced came
+        self.dropped = 0
+        self.errors: list[str] = []
+        self.other: list[str] = []
+
+    def add_frame(self, data: str | bytes) -> None:
+        decoded = _decode_frame(data)
+        for m in decoded if isinstance(decoded, list) else [decoded]:
+            if m.type == "tick" and m.instrument_token is not None and m.sequence_id is not None:
+                self.seqs.setdefault(m.instrument_token, []).append(m.sequence_id)
+                if m.offset is None:
+                    self.from_db[m.instrument_token] = self.from_db.get(m.instrument_token, 0) + 1
+            elif m.type == "synced" and m.instrument_token is not None:
+                self.synced[m.instrument_token] = self.synced.get(m.instrument_token, 0) + 1
+                self.synced_at[m.instrument_token] = len(self.seqs.get(m.instrument_token, []))
+            elif m.type == "dropped":
+                self.dropped += m.count or 0
+            elif m.type == "error":
+                self.errors.append(f"{m.code}")
+            else:
+                self.other.append(m.type)
+
+    def has(self, token: int, last_seq: int) -> bool:
+        s = self.seqs.get(token)
+        return s is not None and bool(s) and s[-1] >= last_seq and token in self.synced

@@ -1,5 +1,5 @@
-"""The per-process live fan-out: one reader of ``nadi:live`` for every connection of this API
-process (DESIGN.md section 7).
+"""The per-process live fan-out: one reader of the live stream (``RedisKeys.live``) for every
+connection of this API process (DESIGN.md section 7).
 
 The reader XREADs the live stream (BLOCK) from where it was when the hub started, decodes each
 batch once (``nadi.ring.decode_live_entry``), builds each subscribed tick's message bytes once

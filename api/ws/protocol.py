@@ -19,8 +19,9 @@ and one syscall per message). Messages::
     {"type": "pong"}
 
 ``exchange_ts`` of a tick is UTC epoch nanoseconds; prices are rupees. ``offset`` is the tick's
-ring offset (the id of its entry in ``nadi:ring:{token}``); ticks read from the database during
-a catch-up older than the ring have none (``null``): resume those with an ISO-8601 ``since``.
+ring offset (the id of its entry in the instrument's ring, ``RedisKeys.ring(token)``); ticks
+read from the database during a catch-up older than the ring have none (``null``): resume
+those with an ISO-8601 ``since``.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ import msgspec
 
 from nadi.ring import LiveTick
 
-Token = Annotated[int, msgspec.Meta(gt=0)]
+# Instrument tokens are stored as bigint: anything outside 1..2**63-1 is no instrument.
+Token = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+Tokens = Annotated[list[Token], msgspec.Meta(min_length=1)]
 
 
 class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe", forbid_unknown_fields=False):
-    instruments: list[Token]
+    instruments: Tokens
     since: str | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe", forbid_unknown_fields=False):
-    instruments: list[Token]
+    instruments: Tokens
 
 
 class Ping(msgspec.Struct, tag_field="op", tag="ping", forbid_unknown_fields=False):
@@ -67,13 +70,18 @@ class ProtocolError(Exception):
 
 def decode_client(data: bytes | str) -> ClientMessage:
     """Parse one client message; raises :class:`ProtocolError` with a stable ``code``:
-    ``bad_json`` (not JSON), ``unknown_op`` (missing or unknown ``op``), ``bad_message``
-    (wrong field types or values, e.g. a token that is not a positive int)."""
+    ``bad_json`` (not JSON, or nested too deeply to parse), ``bad_message`` (JSON, but not an
+    object, or wrong field types or values, e.g. a token that is not in 1..2**63-1),
+    ``unknown_op`` (an object without a known ``op``)."""
     try:
         message: ClientMessage = _client_decoder.decode(data)
         return message
     except msgspec.ValidationError as e:
         text = str(e)
+        try:  # the typed decoder stops at the first mismatch: is the rest JSON at all?
+            msgspec.json.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            raise ProtocolError("bad_json", "not JSON (or nested too deeply)") from None
         if "`$.op`" in text or "missing required field `op`" in text:
             return_code = "unknown_op"
         else:
@@ -81,6 +89,8 @@ def decode_client(data: bytes | str) -> ClientMessage:
         raise ProtocolError(return_code, text) from None
     except msgspec.DecodeError as e:
         raise ProtocolError("bad_json", str(e)) from None
+    except RecursionError:
+        raise ProtocolError("bad_json", "nested too deeply") from None
 
 
 # ---- server -> client ----------------------------------------------------------------------

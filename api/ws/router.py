@@ -14,14 +14,24 @@ API key (``Authorization: Bearer`` on the upgrade, or a first ``{"op":"auth"}`` 
 1011  internal error; 1001 server shutting down
 ====  =====================================================================================
 
-Malformed client messages (bad JSON, unknown op, wrong types, tokens that are not positive
-ints, a bad ``since``) get an ``error`` message and the connection stays open.
+Client messages that cannot be acted on get an ``error`` message with a code, and the
+connection stays open: ``bad_json``, ``unknown_op``, ``bad_message`` (wrong types; tokens not in
+1..2**63-1; no instruments), ``binary_frame`` (messages are JSON text), ``bad_since``,
+``too_many_subscriptions`` (over ``ws_max_subscriptions`` instruments), ``rate_limited`` (over
+``ws_subscribes_per_s`` subscribe/unsubscribe messages per second; the message is ignored),
+``since_expired``, ``catchup_failed``. Replies go to the connection's reliable lane, and the
+session reads the next client message only when that lane has room: a client that sends
+without reading is slowed by TCP, never buffered without bound.
+
+Ownership: :class:`Session` owns the writer task, its read loop and every subscription's
+catch-up task, and cancels and awaits them all when the connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -57,6 +67,26 @@ def origin_allowed(settings: Settings, origin: str | None, host: str | None) -> 
     return host is not None and origin in (f"http://{host}", f"https://{host}")
 
 
+class TokenBucket:
+    """``rate`` actions per second, in bursts of up to ``max(1, rate)``; starts full."""
+
+    __slots__ = ("cap", "rate", "t", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.cap = max(1.0, rate)
+        self.tokens = self.cap
+        self.t = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.cap, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class Session:
     """One accepted connection: reads client messages, owns the writer task and the
     subscriptions' catch-up tasks, and cancels them all when it ends."""
@@ -69,6 +99,7 @@ class Session:
         self.hub = hub
         self.catchup = catchup
         self.s = settings
+        self.rate = TokenBucket(settings.ws_subscribes_per_s, time.monotonic())
 
     async def run(self) -> None:
         conn = self.conn
@@ -95,34 +126,43 @@ class Session:
 
     async def _read_loop(self) -> None:
         limit = self.s.ws_max_message_bytes
+        conn = self.conn
         while True:
+            await conn.wait_room()  # back-pressure on a client that sends but does not read
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
-            data: str | bytes | None = msg.get("text")
-            if data is None:
-                data = msg.get("bytes")
-            if data is None:
+            text: str | None = msg.get("text")
+            if text is None:
+                if msg.get("bytes") is not None:
+                    conn.put_now(protocol.error("binary_frame", "messages are JSON text frames"))
                 continue
-            size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+            size = len(text) if text.isascii() else len(text.encode())
             if size > limit:
                 # uvicorn enforces this too (ws_max_size); other servers may not.
-                self.conn.push(protocol.error("message_too_big", f"limit is {limit} bytes"))
-                self.conn.close(1009, "message too big")
+                conn.put_now(protocol.error("message_too_big", f"limit is {limit} bytes"))
+                conn.close(1009, "message too big")
                 return
             try:
-                self._handle(protocol.decode_client(data))
+                self._handle(protocol.decode_client(text))
             except protocol.ProtocolError as e:
-                self.conn.push(protocol.error(e.code, e.message))
+                conn.put_now(protocol.error(e.code, e.message))
 
     def _handle(self, m: protocol.ClientMessage) -> None:
         if isinstance(m, protocol.Ping):
-            self.conn.push(protocol.PONG)
-        elif isinstance(m, protocol.Subscribe):
-            self._subscribe(m)
-        elif isinstance(m, protocol.Unsubscribe):
-            for token in m.instruments:
-                self._drop(token)
+            self.conn.put_now(protocol.PONG)
+        elif isinstance(m, protocol.Subscribe | protocol.Unsubscribe):
+            if not self.rate.take(time.monotonic()):
+                raise protocol.ProtocolError(
+                    "rate_limited",
+                    f"at most {self.s.ws_subscribes_per_s:g} subscribe/unsubscribe messages "
+                    "per second; this one was ignored",
+                )
+            if isinstance(m, protocol.Subscribe):
+                self._subscribe(m)
+            else:
+                for token in m.instruments:
+                    self._drop(token)
         # A repeated ``auth`` after admission is ignored.
 
     def _subscribe(self, m: protocol.Subscribe) -> None:
@@ -130,7 +170,11 @@ class Session:
         since: str | datetime | None = None
         if m.since is not None:
             try:
-                since = parse_since(m.since)
+                since = parse_since(
+                    m.since,
+                    now_us=time.time_ns() // 1000,
+                    max_future_skew_s=self.s.max_future_skew_s,
+                )
             except ValueError as e:
                 raise protocol.ProtocolError("bad_since", str(e)) from None
         tokens = list(dict.fromkeys(m.instruments))
@@ -152,13 +196,13 @@ class Session:
             await self.catchup.run(sub, since)
         except SinceExpired as e:
             self._drop(sub.token)
-            self.conn.push(
+            self.conn.put_now(
                 protocol.error("since_expired", f"{e}; resubscribe with an ISO-8601 since")
             )
         except Exception as e:
             log.exception("websocket catch-up failed", instrument_token=sub.token)
             self._drop(sub.token)
-            self.conn.push(protocol.error("catchup_failed", f"{sub.token}: {type(e).__name__}"))
+            self.conn.put_now(protocol.error("catchup_failed", f"{sub.token}: {type(e).__name__}"))
 
     def _drop(self, token: int) -> None:
         sub = self.conn.subs.pop(token, None)
@@ -219,7 +263,15 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         key = await _authenticate(ws, settings)
         if key is None:
             return
-    conn = Connection(ws.send_text, queue_size=settings.ws_queue_size, key=key)
+    # Scopes (issue 10, item 5; they come with api.auth's per-key scopes): /ws needs ``read``.
+    # Check it here, once for both ways in (header or first ``auth`` message): a valid key
+    # without ``read`` closes with 4003 before any subscription. Auth off: every scope.
+    conn = Connection(
+        ws.send_text,
+        queue_size=settings.ws_queue_size,
+        key=key,
+        max_frame_bytes=settings.ws_max_frame_bytes,
+    )
     if not hub.add_connection(conn):
         await ws.close(4029, "too many connections for this API key")
         return
