@@ -64,7 +64,7 @@ async def test_admission_and_protocol_errors(
 ) -> None:
     s = env.model_copy(
         update={
-            "api_keys": "k1,k2",
+            "api_keys": "k1,k2;k3:replay",
             "allowed_origins": "http://good.example",
             "ws_max_subscriptions": 3,
             "ws_max_connections_per_key": 2,
@@ -86,6 +86,14 @@ async def test_admission_and_protocol_errors(
         async with ws_connect(host) as ws:
             await send(ws, {"op": "auth", "key": "nope"})
             assert await _closed_code(ws) == 4001
+        # A valid key without the read scope, either way in: an error frame, then 4003.
+        async with ws_connect(host, additional_headers={"Authorization": "Bearer k3"}) as ws:
+            assert (await recv_messages(ws))[0]["code"] == "forbidden"
+            assert await _closed_code(ws) == 4003
+        async with ws_connect(host) as ws:
+            await send(ws, {"op": "auth", "key": "k3"})
+            assert (await recv_messages(ws))[0]["code"] == "forbidden"
+            assert await _closed_code(ws) == 4003
         # Origin not on the allowlist: HTTP 403; an allowed one (and none at all) is fine.
         with pytest.raises(InvalidStatus) as forbidden:
             async with ws_connect(host, origin="http://evil.example", additional_headers=bearer):

@@ -38,7 +38,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, WebSocket
 from fastapi.responses import FileResponse, Response
 
-from api.auth import key_is_valid
+from api.auth import ApiKeys, Scope, key_is_valid
 from api.ws import protocol
 from api.ws.catchup import CatchUp, SinceExpired, parse_since
 from api.ws.connection import Connection, Subscription
@@ -263,9 +263,16 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         key = await _authenticate(ws, settings)
         if key is None:
             return
-    # Scopes (issue 10, item 5; they come with api.auth's per-key scopes): /ws needs ``read``.
-    # Check it here, once for both ways in (header or first ``auth`` message): a valid key
-    # without ``read`` closes with 4003 before any subscription. Auth off: every scope.
+    # /ws needs ``read``: checked once here for both ways in (header or first ``auth``
+    # message), before any subscription. Auth off: the anonymous principal has every scope.
+    principal = ApiKeys.of(settings).authenticate(key)
+    if principal is None or not principal.allows(Scope.READ):
+        with contextlib.suppress(Exception):
+            await ws.send_text(
+                protocol.error("forbidden", "this API key lacks the read scope").decode()
+            )
+        await ws.close(4003, "API key lacks the read scope")
+        return
     conn = Connection(
         ws.send_text,
         queue_size=settings.ws_queue_size,
