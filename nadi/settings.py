@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     dedup_ttl_s: int = Field(2 * 86400, ge=60)
     metrics_port: int = Field(9108, ge=0, le=65535)
 
+    # Processor: tests and state ownership (issue 8).
+    fault: str | None = Field(
+        None,
+        description="tests only: '<crash point>:<n>' SIGKILLs the worker the n-th time it "
+        "reaches that point (streaming/processor/crash.py)",
+    )
+
     # API and WebSocket hub (issue "Serving").
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)

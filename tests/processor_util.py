@@ -49,7 +49,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[MarketDataProcesso
         await asyncio.wait_for(task, 60)
 
 
-def spawn_worker(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    settings: Settings, log_path: str, *, fault: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``nadi process`` subprocess; ``fault`` ("<crash point>:<n>", see
+    streaming/processor/crash.py) makes it SIGKILL itself there."""
     env = {
         **os.environ,
         "NADI_PG_DSN": settings.pg_dsn,
@@ -60,6 +64,9 @@ def spawn_worker(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
         "NADI_GROUP_ID": settings.group_id,
         "NADI_METRICS_PORT": "0",
     }
+    env.pop("NADI_FAULT", None)
+    if fault is not None:
+        env["NADI_FAULT"] = fault
     out = open(log_path, "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "nadi", "process"], env=env, stdout=out, stderr=out

@@ -41,6 +41,7 @@ from streaming.processor.batch import (
     RingPart,
     Stale,
 )
+from streaming.processor.crash import CrashPoints
 from streaming.processor.group_commit import GroupCommit, Part
 
 log = get_logger(__name__)
@@ -62,6 +63,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # records go to the next owner uncommitted, which is safe). Prepared batches are
         # dropped and the caches reset: the partitions may be someone else's next.
         w = self.worker
+        if w.crash is not None:
+            w.crash.reach("in_rebalance")
         w.assigned -= revoked
         w.revoking = True
         try:
@@ -73,6 +76,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             w.revoking = False
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.worker.crash is not None:
+            self.worker.crash.reach("in_rebalance")
         self.worker.assigned |= assigned
         if self.worker.processor is not None:
             self.worker.processor.reset()
@@ -93,6 +98,7 @@ class MarketDataProcessor:
         max_in_flight: int = 256,
     ) -> None:
         self.s = settings
+        self.crash = CrashPoints.parse(settings.fault)  # None unless a test asks for one
         self.topic = topic or settings.topic_ticks
         self.revoke_wait_s = revoke_wait_s
         self.revoking = False
@@ -140,21 +146,29 @@ class MarketDataProcessor:
         await producer.start()
         try:
             mode = await pool.fetchval("SELECT mode FROM candle_mode")
-            self.processor = BatchProcessor(
-                s, pool, redis_client, producer, mark_dirty=mode == "rollup"
-            )
+            # Both editions: the API merges the raw tail of marked windows (issue 9), and a
+            # continuous aggregate's watermark does not cover late or back-filled ticks.
+            self.processor = BatchProcessor(s, pool, redis_client, producer, mark_dirty=True)
             self.processor.known_tokens = await self._known_tokens(pool)
             processor = self.processor
 
             async def write_many(parts: Sequence[DbPart]) -> list[WriteResult]:
-                return await self._retrying(
+                out = await self._retrying(
                     consumer, "db", functools.partial(processor.write_db, parts)
                 )
+                if self.crash is not None:
+                    if len(parts) >= 2:
+                        self.crash.reach("mid_group_commit")
+                    self.crash.reach("after_db_commit")
+                return out
 
             async def append_many(parts: Sequence[RingPart]) -> list[list[str | None]]:
-                return await self._retrying(
+                out = await self._retrying(
                     consumer, "ring", functools.partial(processor.append_ring, parts)
                 )
+                if self.crash is not None:
+                    self.crash.reach("after_ring_write")
+                return out
 
             self._db = GroupCommit(write_many, max_size=4 * s.batch_max_records)
 
@@ -221,6 +235,8 @@ class MarketDataProcessor:
             if batch:
                 records = [r for recs in batch.values() for r in recs]
                 ticks, rejects = processor.decode(records)
+                if self.crash is not None:
+                    self.crash.reach("after_decode")
                 try:
                     # Overlaps with the previous batch's write (the pending task).
                     prepared = await self._retrying(
@@ -279,6 +295,8 @@ class MarketDataProcessor:
                 for fut in (me.db, me.ring, me.ready):
                     _settle(fut, _Abandoned())
                 raise _Abandoned from e
+            if rejects and self.crash is not None:
+                self.crash.reach("after_dlq_produce")
             await processor.write(
                 prepared,
                 db_write=functools.partial(self._queue, self._db, prev.db if prev else None, me.db),
