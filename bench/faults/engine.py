@@ -11,7 +11,8 @@ Figures of a row (``nadi bench faults`` prints them, the tests assert on them):
   gap not flagged, ``status_mismatch`` ticks whose status (OK/STALE/RECOVERED) is not the
   feed's;
 - ``ring_duplicates`` ticks twice in their instrument's ring, ``ring_not_tail`` instruments
-  whose ring is not a gap-free tail of their stored ticks (or is empty), ``ring_entries``;
+  whose ring is not a gap-free tail of their stored ticks (or is empty), ``ring_entries``,
+  ``ring_short`` stored ticks a ring lacks below its length (a problem unless Redis lost data);
 - ``dlq`` messages on the DLQ, ``dlq_unique`` distinct by their source topic/partition/offset
   headers, ``dlq_missing`` bad messages that never reached it, ``bad`` bad messages sent;
 - ``recovery_s`` seconds from the end of the fault until the group had caught up.
@@ -39,10 +40,10 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka import KafkaError, Message, Producer
 
+import nadi.redis_keys
 from bench.faults.stack import FaultStack
 from bench.faults.stream import Stream, generate
 from nadi.kafka_admin import group_offsets
-from nadi.redis_keys import ring_key
 from nadi.settings import Settings
 
 STALE = "STALE"
@@ -309,6 +310,7 @@ class Row:
     stream_s: float = 8.0  # seconds the stream takes at the reduced size (scaled with n)
     partitions: int = 6
     check: Callable[[Run, dict[str, Any]], None] | None = None  # extra row checks
+    redis_kept: bool = True  # Redis keeps its data: each ring holds all its stored ticks
 
 
 async def run_row(stack: FaultStack, row: Row, n: int, *, seed: int = 1) -> dict[str, Any]:
@@ -374,6 +376,8 @@ async def run_row(stack: FaultStack, row: Row, n: int, *, seed: int = 1) -> dict
             run.problems.append(f"{k} = {figures[k]}")
     if figures["dlq_unique"] != figures["bad"]:
         run.problems.append(f"dlq_unique = {figures['dlq_unique']}, bad = {figures['bad']}")
+    if row.redis_kept and figures["ring_short"]:
+        run.problems.append(f"ring_short = {figures['ring_short']} (Redis kept its data)")
     if figures["dlq"] < figures["bad"]:  # at-least-once: redelivery may dead-letter again
         run.problems.append(f"dlq = {figures['dlq']} < bad = {figures['bad']}")
     if figures["stored"] != figures["unique"]:
@@ -429,19 +433,35 @@ async def measure(run: Run) -> dict[str, Any]:
         "reorders": stream.reorders,
         "feed_duplicates": stream.duplicates,
     }
-    figures.update(await ring_figures(s, stored))
+    figures.update(await ring_figures(s, stored, await ring_names(s)))
     figures.update(await dlq_figures(s, stream))
     return figures
 
 
+async def ring_names(s: Settings) -> Callable[[int], str]:
+    """token -> its ring's key: namespaced by the database's identity where the processor
+    does that (``RedisKeys``), else the old flat names."""
+    keys_cls = getattr(nadi.redis_keys, "RedisKeys", None)
+    if keys_cls is None:
+        flat: Callable[[int], str] = nadi.redis_keys.ring_key  # type: ignore[attr-defined,unused-ignore]
+        return flat
+    conn = await asyncpg.connect(s.pg_dsn)
+    try:
+        keys = await keys_cls.load(conn)
+    finally:
+        await conn.close()
+    ring: Callable[[int], str] = keys.ring
+    return ring
+
+
 async def ring_figures(
-    s: Settings, stored: dict[tuple[int, int], tuple[int, str]]
+    s: Settings, stored: dict[tuple[int, int], tuple[int, str]], ring_key: Callable[[int], str]
 ) -> dict[str, int]:
     per_token: dict[int, list[int]] = {}
     for token, seq in stored:
         per_token.setdefault(token, []).append(seq)
     r = aioredis.from_url(s.redis_url)
-    dups = not_tail = entries = 0
+    dups = not_tail = entries = short = 0
     try:
         for token, seqs in per_token.items():
             seqs.sort()
@@ -452,9 +472,15 @@ async def ring_figures(
             uniq = sorted(set(ring))
             if not uniq or uniq != seqs[-len(uniq) :]:
                 not_tail += 1
+            short += max(0, min(len(seqs), s.ring_maxlen) - len(uniq))
     finally:
         await r.aclose()
-    return {"ring_entries": entries, "ring_duplicates": dups, "ring_not_tail": not_tail}
+    return {
+        "ring_entries": entries,
+        "ring_duplicates": dups,
+        "ring_not_tail": not_tail,
+        "ring_short": short,
+    }
 
 
 async def dlq_figures(s: Settings, stream: Stream) -> dict[str, int]:

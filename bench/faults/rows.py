@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Any
 
+import psutil
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka import TopicPartition as CTopicPartition
 from confluent_kafka.admin import AdminClient
@@ -225,12 +226,31 @@ TOXICS: dict[str, tuple[str, dict[str, int | float], float]] = {
 }
 
 
+def _assert_proxied(run: Run, service: str) -> None:
+    """The workers reach ``service`` only through its proxy, else the toxic would miss them
+    (a Kafka client that followed a direct advertised address, say)."""
+    p = run.stack.ports
+    direct = {"pg": p.pg, "redis": p.redis, "kafka": p.kafka}[service]
+    via = {"pg": p.proxy_pg, "redis": p.proxy_redis, "kafka": p.proxy_kafka}[service]
+    through = bypass = 0
+    for w in run.workers.alive():
+        for c in psutil.Process(w.pid).net_connections("tcp"):
+            if c.raddr and c.status == psutil.CONN_ESTABLISHED:
+                through += c.raddr.port == via
+                bypass += c.raddr.port == direct
+    run.notes["proxied_connections"] = through
+    assert through > 0 and bypass == 0, (
+        f"workers' connections to {service}: {through} through the proxy, {bypass} direct"
+    )
+
+
 def network_row(service: str, kind: str) -> Row:
     toxic, attributes, seconds = TOXICS[kind]
 
     async def fault(run: Run) -> None:
         assert run.stack.toxics is not None
         await run.producer.reached(0.3)
+        _assert_proxied(run, service)
         for stream in ("downstream", "upstream"):
             run.stack.toxics.add_toxic(service, toxic, attributes, stream=stream)
         await asyncio.sleep(seconds)  # how long the link misbehaves
@@ -249,9 +269,9 @@ ROWS: dict[str, Row] = {
         Row("kafka_broker_sigkill", _kafka_kill),
         Row("postgres_down_30s", _down("pg", 30.0)),
         Row("redis_down_30s", _down("redis", 30.0)),
-        Row("redis_flushed", _redis_flush),
-        Row("redis_older_snapshot", _redis_old_snapshot),
-        Row("database_replaced", _fresh_database),
+        Row("redis_flushed", _redis_flush, redis_kept=False),
+        Row("redis_older_snapshot", _redis_old_snapshot, redis_kept=False),
+        Row("database_replaced", _fresh_database, redis_kept=False),
         Row("database_restored_from_dump", _restored_dump, check=_restored_check),
         *(network_row(svc, k) for svc in ("pg", "redis", "kafka") for k in TOXICS),
     ]
