@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from api import rest, ws
 from nadi.db.pool import create_pool
+from nadi.redis_keys import RedisKeys
 from nadi.settings import Settings, get_settings
 
 
@@ -24,6 +25,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await create_pool(settings, min_size=2, max_size=10)
         app.state.redis = aioredis.from_url(settings.redis_url)
+        # Redis key names of this database (its identity namespaces every key).
+        app.state.redis_keys = await RedisKeys.load(app.state.pool)
         try:
             await rest.startup(app)
             await ws.startup(app)

@@ -19,6 +19,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import (
     UnresolvedAssetJobDefinition,
 )
 
+from nadi.redis_keys import RedisKeys
 from nadi.ring import RingWriter
 from pipelines.assets.candles import refresh_day
 from pipelines.assets.quality import GapRepairConfig, gap_repair_metadata, repair_gaps
@@ -82,8 +83,10 @@ def repair_gaps_off_calendar(
     t0 = time.perf_counter()
 
     async def go() -> list[date]:
-        async with redis.client() as client:
-            ring = RingWriter(client, maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s)
+        async with redis.client() as client, timescale.connect() as conn:
+            ring = RingWriter(
+                client, await RedisKeys.load(conn), maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s
+            )
             outcomes = await repair_gaps(timescale, recovery, None, config.gap_ids, ring)
         days = sorted(await _days_of(timescale, [o.gap_id for o in outcomes]))
         async with timescale.connect() as conn:

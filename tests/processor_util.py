@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import redis.asyncio as aioredis
 
+from nadi.redis_keys import RedisKeys
 from nadi.settings import Settings
 from streaming.processor.worker import MarketDataProcessor
 from tests.kafka_util import create_topic
@@ -32,7 +33,9 @@ async def private_settings(settings: Settings, partitions: int = 4) -> Settings:
 
 
 async def reset_state(pg: asyncpg.Connection, settings: Settings) -> None:
-    await pg.execute("TRUNCATE ticks, sequence_gaps, candle_dirty, candles_1m, candles_5m")
+    await pg.execute(
+        "TRUNCATE ticks, sequence_gaps, candle_dirty, candles_1m, candles_5m, ingest_state"
+    )
     r = aioredis.from_url(settings.redis_url)
     await r.flushdb()
     await r.aclose()
@@ -78,3 +81,12 @@ async def stored(pg: asyncpg.Connection) -> set[tuple[int, int, int]]:
         "SELECT instrument_token, sequence_id, (extract(epoch FROM exchange_ts) * 1000000)::bigint FROM ticks"
     )
     return {(r[0], r[1], r[2]) for r in rows}
+
+
+async def redis_keys(settings: Settings | None = None) -> RedisKeys:
+    """The Redis key names of the test database (``Settings()`` by default)."""
+    conn = await asyncpg.connect((settings or Settings()).pg_dsn)
+    try:
+        return await RedisKeys.load(conn)
+    finally:
+        await conn.close()

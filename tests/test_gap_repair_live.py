@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from nadi.calendar import today_ist
 from nadi.db.tick_writer import init_connection, write_batch
-from nadi.redis_keys import LIVE_STREAM
+from nadi.redis_keys import RedisKeys
 from nadi.ring import RingWriter, decode_live_entry
 from nadi.sequence import Gap
 from nadi.settings import Settings
@@ -66,25 +66,26 @@ async def test_todays_repaired_ticks_go_live_and_older_ones_do_not(
         d = trading_day_ordinal(held[0].exchange_ts_ns)
         await write_batch(pg, held, [d] * 4, ["OK", "OK", "STALE", "OK"], [Gap(TOKEN, d, 3, 4)],
                           mark_dirty=True)  # fmt: skip
-    ring = RingWriter(redis_client, maxlen=1000, ttl_s=600)
+    keys = await RedisKeys.load(pg)
+    ring = RingWriter(redis_client, keys, maxlen=1000, ttl_s=600)
     outcomes = await repair_gaps(TimescaleResource(dsn=migrated.pg_dsn), src, None, [], ring)
     assert sorted((o.status, o.inserted, o.pushed_live) for o in outcomes) == [
         ("repaired", 2, 0),
         ("repaired", 2, 2),
     ]
-    entries: Any = await redis_client.xrange(f"nadi:ring:{TOKEN}")
+    entries: Any = await redis_client.xrange(keys.ring(TOKEN))
     ring_ticks = [orjson.loads(f[b"d"]) for _, f in entries]
     assert [(t["sequence_id"], t["status"]) for t in ring_ticks] == [
         (3, "RECOVERED"),
         (4, "RECOVERED"),
     ]
     assert all(_ordinal(t["exchange_ts"]) == today.toordinal() for t in ring_ticks)
-    live: Any = await redis_client.xrange(LIVE_STREAM)
+    live: Any = await redis_client.xrange(keys.live)
     assert [(e.t.sequence_id, e.t.status) for _, f in live for e in decode_live_entry(f)] == [
         (3, "RECOVERED"),
         (4, "RECOVERED"),
     ]
     # A second run finds nothing open: nothing is pushed twice.
     assert await repair_gaps(TimescaleResource(dsn=migrated.pg_dsn), src, None, [], ring) == []
-    after: Any = await redis_client.xrange(f"nadi:ring:{TOKEN}")
+    after: Any = await redis_client.xrange(keys.ring(TOKEN))
     assert len(after) == 2

@@ -12,13 +12,18 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from nadi.redis_keys import LIVE_STREAM
 from nadi.ring import decode_live_entry
 from nadi.settings import Settings
 from nadi.tick import NS
 from tests.feedgen import Feed, msg, tick
 from tests.kafka_util import produce, read_all, wait_caught_up
-from tests.processor_util import private_settings, reset_state, running_worker, stored
+from tests.processor_util import (
+    private_settings,
+    redis_keys,
+    reset_state,
+    running_worker,
+    stored,
+)
 
 T1, T2, T3 = 738561, 408065, 2953217
 
@@ -45,7 +50,7 @@ async def test_feed_duplicates_become_one_row(env: Settings, pg: asyncpg.Connect
     assert await pg.fetchval("SELECT count(*) FROM sequence_gaps") == 0
     # The live fan-out carried each tick once, with ring offsets increasing per instrument.
     r = aioredis.from_url(env.redis_url)
-    entries: Any = await r.xrange(LIVE_STREAM)
+    entries: Any = await r.xrange((await redis_keys(env)).live)
     live = [e for _, fields in entries for e in decode_live_entry(fields)]
     await r.aclose()
     assert sorted((e.t.instrument_token, e.t.sequence_id) for e in live) == sorted(
@@ -137,7 +142,7 @@ async def reset_redis(s: Settings) -> None:
 
 async def _ring(s: Settings, token: int) -> list[tuple[int, str]]:
     r = aioredis.from_url(s.redis_url)
-    entries: Any = await r.xrange(f"nadi:ring:{token}")
+    entries: Any = await r.xrange((await redis_keys(s)).ring(token))
     await r.aclose()
     out = []
     for _, f in entries:
@@ -173,7 +178,7 @@ async def test_ring_stays_a_tail_of_what_is_stored_after_redis_loses_its_keys(
         9: "OK",
     }
     r = aioredis.from_url(env.redis_url)
-    entries: Any = await r.xrange(LIVE_STREAM)
+    entries: Any = await r.xrange((await redis_keys(env)).live)
     await r.aclose()
     live = [(e.t.sequence_id, e.t.status) for _, f in entries for e in decode_live_entry(f)]
     assert live == [(8, "STALE"), (9, "OK"), (7, "RECOVERED")]

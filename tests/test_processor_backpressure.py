@@ -41,13 +41,13 @@ async def test_redis_down_pauses_then_resumes_by_itself(
     await reset_state(pg, base)
     feed = Feed(tokens=[738561, 408065], n=2000, dup_rate=0.5, start_ns=time.time_ns() - 600 * NS)
     produce(s.kafka_bootstrap, s.topic_ticks, feed.messages())
-    retries_before = _metric("nadi_write_retries_total", {"sink": "redis"})
+    retries_before = _metric("nadi_write_retries_total", {"sink": "state"})
     server: subprocess.Popen[bytes] | None = None
     try:
         async with running_worker(s):
             await asyncio.sleep(4)  # Redis is down: the worker must hold still
             assert _metric("nadi_partitions_paused") == 1
-            assert _metric("nadi_write_retries_total", {"sink": "redis"}) > retries_before
+            assert _metric("nadi_write_retries_total", {"sink": "state"}) > retries_before
             _, committed = await asyncio.to_thread(
                 group_offsets, s.kafka_bootstrap, s.group_id, s.topic_ticks
             )

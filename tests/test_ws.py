@@ -19,13 +19,12 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from api.ws.hub import Hub
-from nadi.redis_keys import ring_key
 from nadi.ring import RingWriter
 from nadi.settings import Settings
 from nadi.tick import NS
 from tests.feedgen import msg, tick
 from tests.kafka_util import produce, wait_caught_up
-from tests.processor_util import private_settings, reset_state, running_worker
+from tests.processor_util import private_settings, redis_keys, reset_state, running_worker
 from tests.ws_util import recv_messages, send, serving, ws_connect
 
 T1, T2 = 738561, 408065
@@ -220,7 +219,9 @@ async def _collect(
 
 
 async def _ring_offset(r: aioredis.Redis, token: int, seq: int) -> str:
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await r.xrange(ring_key(token)))
+    entries = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await r.xrange((await redis_keys()).ring(token))
+    )
     for entry_id, fields in entries:
         if json.loads(fields[b"d"])["sequence_id"] == seq:
             return entry_id.decode()
@@ -284,7 +285,8 @@ async def test_catch_up_older_than_the_ring_reads_the_database(
     )
     async with running_worker(s), serving(s) as (host, _app):
         await wait_caught_up(s.kafka_bootstrap, s.group_id, s.topic_ticks)
-        assert await redis_client.xlen(ring_key(T1)) < 1000  # trimmed: older ticks only in the DB
+        ring = (await redis_keys()).ring(T1)
+        assert await redis_client.xlen(ring) < 1000  # trimmed: older ticks only in the DB
         async with ws_connect(host) as a, ws_connect(host) as b:
             feeding = asyncio.create_task(_produce_paced(s, T1, range(3001, 4001), base))
             await asyncio.sleep(0.3)
@@ -383,7 +385,7 @@ async def test_burst_larger_than_the_queue_reaches_a_client_that_keeps_up(
         async with ws_connect(host) as ws:
             await send(ws, {"op": "subscribe", "instruments": [T2]})
             await _expect(ws, lambda m: m["type"] == "synced")
-            ring = RingWriter(redis_client, maxlen=10_000, ttl_s=600)
+            ring = RingWriter(redis_client, await redis_keys(), maxlen=10_000, ttl_s=600)
             day = ticks[0].trading_day_ordinal
             assert all(await ring.append(ticks, [day] * n, ["OK"] * n))
             got = await _collect(ws, T2, n, wait_s=30, synced=False)

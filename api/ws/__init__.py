@@ -21,6 +21,7 @@ async def startup(app: FastAPI) -> None:
     settings = app.state.settings
     hub = Hub(
         app.state.redis,
+        app.state.redis_keys,
         stall_timeout_s=settings.ws_stall_timeout_s,
         max_connections_per_key=settings.ws_max_connections_per_key,
         queue_size=settings.ws_queue_size,
@@ -29,6 +30,7 @@ async def startup(app: FastAPI) -> None:
     app.state.ws_hub = hub
     app.state.ws_catchup = CatchUp(
         app.state.redis,
+        app.state.redis_keys,
         getattr(app.state, "pool", None),
         chunk_rows=settings.replay_chunk_rows,
         max_future_skew_s=settings.max_future_skew_s,

@@ -49,7 +49,7 @@ import redis.asyncio as aioredis
 from api.ws import protocol
 from api.ws.connection import Subscription
 from api.ws.hub import Entries, parse_offset
-from nadi.redis_keys import ring_key
+from nadi.redis_keys import RedisKeys
 from nadi.replay import ReplayEngine, to_datetime_us, to_epoch_us
 
 PAGE = 1000  # ring entries per XRANGE
@@ -92,19 +92,21 @@ class CatchUp:
     def __init__(
         self,
         redis: aioredis.Redis,
+        keys: RedisKeys,
         pool: asyncpg.Pool | None,
         *,
         chunk_rows: int,
         max_future_skew_s: float,
     ) -> None:
         self._redis = redis
+        self._keys = keys
         self._pool = pool
         self._chunk_rows = chunk_rows
         self._skew_ms = int(max_future_skew_s * 1000)
 
     async def run(self, sub: Subscription, since: str | datetime | None) -> None:
         """Catch ``sub`` up from ``since`` and switch it to live. Raises SinceExpired."""
-        ring = ring_key(sub.token)
+        ring = self._keys.ring(sub.token)
         if since is None:
             last = cast(Entries, await self._redis.xrevrange(ring, "+", "-", count=1))
             last_id = last[0][0].decode() if last else None
@@ -119,7 +121,7 @@ class CatchUp:
 
     async def _go_live(self, sub: Subscription, last_id: str | None) -> None:
         """Send ring entries after ``last_id`` (exclusive; all when None), then switch."""
-        ring = ring_key(sub.token)
+        ring = self._keys.ring(sub.token)
         while True:
             start = "-" if last_id is None else "(" + last_id
             async for entry_id, payload in self._ring(ring, start):

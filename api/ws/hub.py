@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from api.ws import protocol
 from api.ws.connection import CLOSE_STALLED, Connection, Subscription
 from nadi.logs import get_logger
-from nadi.redis_keys import LIVE_STREAM
+from nadi.redis_keys import RedisKeys
 from nadi.ring import decode_live_entry
 
 log = get_logger(__name__)
@@ -51,12 +51,14 @@ class Hub:
     def __init__(
         self,
         redis: aioredis.Redis,
+        keys: RedisKeys,
         *,
         stall_timeout_s: float,
         max_connections_per_key: int,
         queue_size: int = 1000,
     ) -> None:
         self._redis = redis
+        self._live = keys.live
         # Dispatch yields to the writers after this many ticks, so a burst bigger than a
         # connection's queue (a large processor batch, say) reaches a client that keeps up
         # instead of being evicted from its queue before its writer could run.
@@ -78,7 +80,7 @@ class Hub:
         # two reads is then never skipped, and a connection accepted after start() sees every
         # batch from then on.
         with contextlib.suppress(RedisError):
-            last = cast(Entries, await self._redis.xrevrange(LIVE_STREAM, "+", "-", count=1))
+            last = cast(Entries, await self._redis.xrevrange(self._live, "+", "-", count=1))
             if last:
                 self._last_id = last[0][0].decode()
         self.ready.set()
@@ -136,7 +138,7 @@ class Hub:
                 resp = cast(
                     list[tuple[bytes, Entries]] | None,
                     await self._redis.xread(
-                        {LIVE_STREAM: self._last_id}, count=READ_COUNT, block=BLOCK_MS
+                        {self._live: self._last_id}, count=READ_COUNT, block=BLOCK_MS
                     ),
                 )
                 backoff = 0.1

@@ -1,11 +1,14 @@
 """Batched, idempotent tick writes: binary COPY into session temp tables, then one call of
-``nadi_ingest_staged`` (dbt_or_sql/0008_ingest.sql, replaced by 0009) that inserts with ON CONFLICT DO NOTHING,
-records gaps and settles late ticks, all in one transaction."""
+``nadi_ingest_staged`` (dbt_or_sql/0010_ingest_state.sql) that checks the batch was classified
+against the stored state, inserts with ON CONFLICT DO NOTHING, records gaps, settles late
+ticks and advances ``ingest_state``, all in one transaction. ``load_state`` reads that state:
+the database, not Redis, is the record of the last sequence per instrument and day."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 
 import asyncpg
 
@@ -13,6 +16,13 @@ from nadi.sequence import Gap
 from nadi.tick import Tick
 
 _EPOCH_DAY = 719_163  # date(1970, 1, 1).toordinal()
+Key = tuple[int, int]  # (instrument_token, trading day ordinal since 1970-01-01)
+
+
+class StateMoved(Exception):
+    """The database's last sequence of an instrument-day is not the one the batch was
+    classified against (another writer got there first): nothing was written."""
+
 
 TICK_STAGE_COLUMNS = (
     "instrument_token",
@@ -69,26 +79,53 @@ class WriteResult:
 
 
 # After nadi_ingest_staged, in its transaction: a LATE tick still in the stage was inserted;
-# the status is the stored row's either way.
+# the status is the stored row's either way (found by the exact key for a copy, else by day).
 _LATE_OUTCOMES = """
 SELECT EXISTS (SELECT 1 FROM tick_stage s
                WHERE s.instrument_token = k.token AND s.trading_day = k.day
                  AND s.sequence_id = k.seq),
-       (SELECT t.status FROM ticks t
-         WHERE t.instrument_token = k.token
-           AND t.exchange_ts >= (k.day::timestamp AT TIME ZONE 'Asia/Kolkata')
-           AND t.exchange_ts < ((k.day + 1)::timestamp AT TIME ZONE 'Asia/Kolkata')
-           AND t.sequence_id = k.seq
-         LIMIT 1)
-FROM unnest($1::bigint[], $2::date[], $3::bigint[]) WITH ORDINALITY AS k(token, day, seq, n)
+       coalesce(
+         (SELECT t.status FROM ticks t
+           WHERE t.instrument_token = k.token
+             AND t.exchange_ts = 'epoch'::timestamptz + k.ts_us * INTERVAL '1 microsecond'
+             AND t.sequence_id = k.seq),
+         (SELECT t.status FROM ticks t
+           WHERE t.instrument_token = k.token
+             AND t.exchange_ts >= (k.day::timestamp AT TIME ZONE 'Asia/Kolkata')
+             AND t.exchange_ts < ((k.day + 1)::timestamp AT TIME ZONE 'Asia/Kolkata')
+             AND t.sequence_id = k.seq
+           LIMIT 1))
+FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[])
+     WITH ORDINALITY AS k(token, day, seq, ts_us, n)
 ORDER BY k.n
 """
 
+_LOAD_STATE = """
+SELECT k.token, k.day,
+       coalesce(s.last_seq,
+                (SELECT max(t.sequence_id) FROM ticks t
+                  WHERE t.instrument_token = k.token
+                    AND t.exchange_ts >= (k.day::timestamp AT TIME ZONE 'Asia/Kolkata')
+                    AND t.exchange_ts < ((k.day + 1)::timestamp AT TIME ZONE 'Asia/Kolkata')))
+FROM unnest($1::bigint[], $2::date[]) AS k(token, day)
+LEFT JOIN ingest_state s ON s.instrument_token = k.token AND s.trading_day = k.day
+"""
 
-def _day(ordinal_since_epoch: int) -> object:
-    from datetime import date
 
+def _day(ordinal_since_epoch: int) -> date:
     return date.fromordinal(_EPOCH_DAY + ordinal_since_epoch)
+
+
+async def load_state(
+    db: asyncpg.Pool | asyncpg.Connection, keys: Sequence[Key]
+) -> dict[Key, int | None]:
+    """The last stored sequence of each (token, day), None where nothing is stored; one
+    round trip. ingest_state is exact; ticks are read only for a day it has no row for
+    (written by another path than nadi_ingest_staged)."""
+    if not keys:
+        return {}
+    rows = await db.fetch(_LOAD_STATE, [k[0] for k in keys], [_day(k[1]) for k in keys])
+    return {(token, day.toordinal() - _EPOCH_DAY): last for token, day, last in rows}
 
 
 async def write_batch(
@@ -99,9 +136,12 @@ async def write_batch(
     gaps: Sequence[Gap],
     *,
     mark_dirty: bool,
+    expected: Mapping[Key, int | None] | None = None,
 ) -> WriteResult:
-    """Persist one batch atomically. Safe to repeat: a redelivered batch inserts nothing new."""
-    days: dict[int, object] = {}
+    """Persist one batch atomically. Safe to repeat: a redelivered batch inserts nothing new.
+    ``expected``: the last sequence per (token, day) the batch was classified against; if
+    the database holds another, StateMoved is raised and nothing is written."""
+    days: dict[int, date] = {}
     records = []
     for t, d, status in zip(ticks, day_ordinals, statuses, strict=True):
         day = days.get(d)
@@ -133,7 +173,19 @@ async def write_batch(
                 records=[(g.token, _day(g.day), g.from_seq, g.to_seq) for g in gaps],
                 columns=GAP_STAGE_COLUMNS,
             )
-        row = await conn.fetchrow("SELECT * FROM nadi_ingest_staged($1)", mark_dirty)
+        exp = expected or {}
+        try:
+            row = await conn.fetchrow(
+                "SELECT * FROM nadi_ingest_staged($1, $2, $3, $4)",
+                mark_dirty,
+                [k[0] for k in exp],
+                [_day(k[1]) for k in exp],
+                list(exp.values()),
+            )
+        except asyncpg.PostgresError as e:
+            if getattr(e, "sqlstate", None) == "NS001":
+                raise StateMoved(str(e)) from e
+            raise
         late_idx = [i for i, st in enumerate(statuses) if st == "LATE"]
         late: tuple[LateOutcome, ...] = ()
         if late_idx:
@@ -142,6 +194,7 @@ async def write_batch(
                 [ticks[i].instrument_token for i in late_idx],
                 [days[day_ordinals[i]] for i in late_idx],
                 [ticks[i].sequence_id for i in late_idx],
+                [ticks[i].exchange_ts_ns // 1000 for i in late_idx],
             )
             late = tuple(LateOutcome(bool(r[0]), r[1] or "OK") for r in rows)
     assert row is not None

@@ -39,6 +39,7 @@ from pydantic import Field
 from nadi.calendar import IST, today_ist
 from nadi.db.tick_writer import write_batch
 from nadi.instruments import round_to_tick
+from nadi.redis_keys import RedisKeys
 from nadi.ring import NEW_LATE, RingWriter
 from nadi.tick import NS
 from pipelines.assets.storage import ticks
@@ -301,8 +302,10 @@ def gap_repair(
     t0 = time.perf_counter()
 
     async def repair(day: date) -> list[GapOutcome]:
-        async with redis.client() as client:
-            ring = RingWriter(client, maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s)
+        async with redis.client() as client, timescale.connect() as conn:
+            ring = RingWriter(
+                client, await RedisKeys.load(conn), maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s
+            )
             return await repair_gaps(timescale, recovery, day, config.gap_ids, ring)
 
     outcomes: list[GapOutcome] = []

@@ -1,10 +1,18 @@
 """The MarketDataProcessor: one stateless worker of the consumer group.
 
-Loop: ``getmany`` a batch -> decode -> dead-letter the bad -> persist the good (TimescaleDB and
-the Redis ring together) -> commit the batch's offsets. Offsets are committed only after both
-sinks are durable, so a crash at any instant means redelivery, never loss; every write is
-idempotent, so redelivery never means duplicates. While a sink is down the worker pauses its
-partitions and retries with backoff, polling only to stay in the group.
+Loop: ``getmany`` a batch -> decode -> prepare (classify against the state of the
+instrument-days, see batch.py) -> hand its parts to the sinks -> commit its offsets once all
+of it is durable. Per batch, in this order: the ring's in-order part, then the database
+transaction (which records gaps, settles late ticks and advances ``ingest_state``), then the
+ring's late part; dead letters alongside. The ring therefore never falls behind the database
+except when Redis itself loses data, which the ring check on first touch detects.
+
+Offsets are committed in batch order and only after every part is durable, so a crash at any
+instant means redelivery, never loss; every write is idempotent (the database's unique key,
+the ring's appended-sequence bitmap), so redelivery never means duplicates. While a sink is
+down the worker pauses its partitions and retries with backoff, polling only to stay in the
+group (sinks.py). The worker owns its Kafka clients, pool, Redis client, the sinks and the
+tasks of the batches in flight; ``stop()`` drains them and commits.
 """
 
 from __future__ import annotations
@@ -16,42 +24,29 @@ import functools
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import start_http_server
-from tenacity import wait_exponential_jitter
 
 from nadi import metrics
 from nadi.codec import Rejected
 from nadi.db.pool import create_pool
-from nadi.db.tick_writer import WriteResult, init_connection
+from nadi.db.tick_writer import StateMoved, WriteResult, init_connection
 from nadi.logs import get_logger
+from nadi.redis_keys import DATABASES, RedisKeys
+from nadi.ring import RingWriter
 from nadi.settings import Settings
-from streaming.processor.batch import (
-    BatchProcessor,
-    DbPart,
-    Prepared,
-    Record,
-    RingPart,
-    Stale,
-)
+from streaming.processor.batch import BatchProcessor, DbPart, Prepared, Record, RingPart, Stale
 from streaming.processor.crash import CrashPoints
-from streaming.processor.group_commit import GroupCommit, Part
+from streaming.processor.sinks import Abandoned, Flow, Sink
 
 log = get_logger(__name__)
-T = TypeVar("T")
-P = TypeVar("P", bound=Part)
-R = TypeVar("R")
-
-
-class _Abandoned(Exception):
-    """The batch's partitions were revoked or the worker is stopping: leave it uncommitted."""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -59,35 +54,75 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Let the in-flight write finish and commit; one stuck in retries is abandoned (its
-        # records go to the next owner uncommitted, which is safe). Prepared batches are
-        # dropped and the caches reset: the partitions may be someone else's next.
+        # Let the in-flight writes finish and commit; one stuck in retries is abandoned (its
+        # records go to the next owner uncommitted, which is safe). The memory is reset: the
+        # partitions may be someone else's next.
         w = self.worker
         if w.crash is not None:
             w.crash.reach("in_rebalance")
         w.assigned -= revoked
-        w.revoking = True
+        flow = w.flow
+        if flow is not None:
+            flow.revoking = True
+            flow.interrupt()
         try:
             if w.in_flight:
                 await asyncio.wait([f.task for f in w.in_flight], timeout=w.revoke_wait_s)
         finally:
             if w.processor is not None:
                 w.processor.reset()
-            w.revoking = False
+            if flow is not None:
+                flow.revoking = False
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        if self.worker.crash is not None:
-            self.worker.crash.reach("in_rebalance")
-        self.worker.assigned |= assigned
-        if self.worker.processor is not None:
-            self.worker.processor.reset()
+        w = self.worker
+        if w.crash is not None:
+            w.crash.reach("in_rebalance")
+        w.assigned |= assigned
+        if w.processor is not None:
+            w.processor.reset()
+        if w.flow is not None:
+            w.flow.assigned()
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
+@dataclass
+class _Flight:
+    """A batch being written: its parts' futures in the sinks, when its offsets became
+    committable (successors commit after it), and the task that ends with its commit."""
+
+    prepared: Prepared
+    rejects: list[tuple[Record, Rejected]]
+    offsets: dict[TopicPartition, int]  # next offset per partition once committed
+    records: int  # Kafka records in the batch
+    t0: float
+    ring: asyncio.Future[list[str | None]]
+    db: asyncio.Future[WriteResult]
+    ready: asyncio.Future[None] = field(init=False)
+    task: asyncio.Task[None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ready = asyncio.get_running_loop().create_future()
+        for fut in (self.ring, self.db, self.ready):
+            fut.add_done_callback(_retrieve)  # a failure is read by successors, if any
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
 class MarketDataProcessor:
-    """A worker of the consumer group. Owns its Kafka clients, pool, Redis client, the tasks of
-    the batches in flight and the group commits (database, ring, Redis state) they write
-    through; ``stop()`` drains them and commits."""
+    """A worker of the consumer group (see the module docstring)."""
 
     def __init__(
         self,
@@ -101,7 +136,6 @@ class MarketDataProcessor:
         self.crash = CrashPoints.parse(settings.fault)  # None unless a test asks for one
         self.topic = topic or settings.topic_ticks
         self.revoke_wait_s = revoke_wait_s
-        self.revoking = False
         self.stop_event = asyncio.Event()
         self.batches = 0
         self.committed_records = 0
@@ -117,11 +151,11 @@ class MarketDataProcessor:
         self._committable: dict[TopicPartition, int] = {}
         self._committable_records = 0
         self._commit_lock = asyncio.Lock()
+        self._rewind = False  # the database refused a batch: read from the committed offsets
+        # Set up by run(), for its duration.
         self.processor: BatchProcessor | None = None
-        self._db: GroupCommit[DbPart, WriteResult] | None = None
-        self._ring: GroupCommit[RingPart, list[str | None]] | None = None
-        self._state: GroupCommit[Prepared, None] | None = None
-        self._paused = 0
+        self.flow: Flow | None = None
+        self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
         """Consume until :meth:`stop` (or SIGTERM/SIGINT when installed) is called."""
@@ -143,56 +177,46 @@ class MarketDataProcessor:
             heartbeat_interval_ms=2_000,
             max_poll_interval_ms=300_000,
         )
+        self._consumer = consumer
+        db: Sink[DbPart, WriteResult] | None = None
+        ring_sink: Sink[RingPart, list[str | None]] | None = None
         await producer.start()
         try:
-            mode = await pool.fetchval("SELECT mode FROM candle_mode")
-            # Both editions: the API merges the raw tail of marked windows (issue 9), and a
-            # continuous aggregate's watermark does not cover late or back-filled ticks.
-            self.processor = BatchProcessor(s, pool, redis_client, producer, mark_dirty=True)
-            self.processor.known_tokens = await self._known_tokens(pool)
-            processor = self.processor
-
-            async def write_many(parts: Sequence[DbPart]) -> list[WriteResult]:
-                out = await self._retrying(
-                    consumer, "db", functools.partial(processor.write_db, parts)
-                )
-                if self.crash is not None:
-                    if len(parts) >= 2:
-                        self.crash.reach("mid_group_commit")
-                    self.crash.reach("after_db_commit")
-                return out
-
-            async def append_many(parts: Sequence[RingPart]) -> list[list[str | None]]:
-                out = await self._retrying(
-                    consumer, "ring", functools.partial(processor.append_ring, parts)
-                )
-                if self.crash is not None:
-                    self.crash.reach("after_ring_write")
-                return out
-
-            self._db = GroupCommit(write_many, max_size=4 * s.batch_max_records)
-
-            async def commit_states(parts: Sequence[Prepared]) -> list[None]:
-                return await self._retrying(
-                    consumer, "redis", functools.partial(processor.commit_states, parts)
-                )
-
-            # Redis state updates are merged too: with many small batches in flight, one
-            # connection each would exhaust the client's pool.
-            self._state = GroupCommit(commit_states, max_size=4 * s.batch_max_records)
+            keys = await RedisKeys.load(pool)
+            await self._claim_redis(redis_client, keys)
+            ring = RingWriter(redis_client, keys, maxlen=s.ring_maxlen, ttl_s=s.dedup_ttl_s)
+            # Both editions mark candle windows: the API merges the raw tail of marked windows
+            # (issue 9), and a continuous aggregate's watermark misses late ticks.
+            self.processor = processor = BatchProcessor(s, pool, ring, producer, mark_dirty=True)
+            processor.known_tokens = await self._known_tokens(pool)
+            self.flow = flow = Flow(consumer, self.stop_event)
+            crash = self.crash
+            db = Sink(
+                "db",
+                processor.write_db,
+                flow,
+                max_size=4 * s.batch_max_records,
+                fatal=(StateMoved,),
+                after_write=None if crash is None else _db_crash_points(crash),
+            )
             # One live entry per ring write: kept to a batch's size for the API's readers.
-            self._ring = GroupCommit(append_many, max_size=s.batch_max_records)
+            ring_sink = Sink(
+                "ring",
+                processor.append_ring,
+                flow,
+                max_size=s.batch_max_records,
+                after_write=None if crash is None else lambda _: crash.reach("after_ring_write"),
+            )
             consumer.subscribe([self.topic], listener=_Rebalance(self))
             await consumer.start()
-            log.info("processor started", topic=self.topic, group=s.group_id, candles=mode)
+            log.info("processor started", topic=self.topic, group=s.group_id, redis_ns=keys.db_id)
             try:
-                await self._loop(consumer, self.processor, pool)
+                await self._loop(consumer, processor, flow, db, ring_sink, pool)
             finally:
                 if self.in_flight:  # drain: finish and commit
                     await asyncio.wait([f.task for f in self.in_flight])
-                await self._db.aclose()
-                await self._ring.aclose()
-                await self._state.aclose()
+                await db.aclose()
+                await ring_sink.aclose()
                 await consumer.stop()  # leaves the group; nothing uncommitted is claimed
         finally:
             await producer.stop()
@@ -202,17 +226,19 @@ class MarketDataProcessor:
                 "processor stopped",
                 batches=self.batches,
                 records=self.committed_records,
-                db_transactions=self._db.transactions if self._db else 0,
-                ring_appends=self._ring.transactions if self._ring else 0,
+                db_transactions=db.transactions if db else 0,
+                ring_appends=ring_sink.transactions if ring_sink else 0,
                 waited_s={k: round(v, 2) for k, v in self.waited.items()},
                 busy_s={
-                    "db": round(self._db.busy_s, 2) if self._db else 0,
-                    "ring": round(self._ring.busy_s, 2) if self._ring else 0,
+                    "db": round(db.busy_s, 2) if db else 0,
+                    "ring": round(ring_sink.busy_s, 2) if ring_sink else 0,
                 },
             )
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.flow is not None:
+            self.flow.interrupt()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -220,42 +246,44 @@ class MarketDataProcessor:
             loop.add_signal_handler(sig, self.stop)
 
     async def _loop(
-        self, consumer: AIOKafkaConsumer, processor: BatchProcessor, pool: asyncpg.Pool
+        self,
+        consumer: AIOKafkaConsumer,
+        processor: BatchProcessor,
+        flow: Flow,
+        db: Sink[DbPart, WriteResult],
+        ring: Sink[RingPart, list[str | None]],
+        pool: asyncpg.Pool,
     ) -> None:
         last_refresh = time.monotonic()
+        timeout_ms = self.s.batch_timeout_ms
         while not self.stop_event.is_set():
+            if self._rewind:
+                await self._read_again(consumer, processor)
             w0 = time.perf_counter()
             batch: dict[TopicPartition, list[Record]] = await consumer.getmany(
-                timeout_ms=100, max_records=self.s.batch_max_records
+                timeout_ms=timeout_ms, max_records=self.s.batch_max_records
             )
             self.waited["fetch"] += time.perf_counter() - w0
-            prepared = None
-            rejects: list[tuple[Record, Rejected]] = []
-            t0 = time.perf_counter()
-            if batch:
+            self._reap()
+            if batch and not self._rewind:
+                t0 = time.perf_counter()
                 records = [r for recs in batch.values() for r in recs]
                 ticks, rejects = processor.decode(records)
                 if self.crash is not None:
                     self.crash.reach("after_decode")
                 try:
-                    # Overlaps with the previous batch's write (the pending task).
-                    prepared = await self._retrying(
-                        consumer, "redis", functools.partial(processor.prepare, ticks)
+                    # Overlaps with the writes of the batches in flight.
+                    prepared = await flow.retry(
+                        "state", functools.partial(processor.prepare, ticks)
                     )
-                except (_Abandoned, Stale):
+                except (Abandoned, Stale):
                     prepared = None
-            while self.in_flight and self.in_flight[0].task.done():
-                self._in_flight_records -= self.in_flight.popleft().records
-            if prepared is not None and prepared.generation == processor.generation:
-                prev = self.in_flight[-1] if self.in_flight else None
-                flight = _Flight.new(len(records))
-                flight.task = asyncio.create_task(
-                    self._write_and_commit(
-                        consumer, processor, prepared, rejects, batch, t0, prev, flight
-                    )
-                )
-                self.in_flight.append(flight)
-                self._in_flight_records += flight.records
+                if (
+                    prepared is not None
+                    and prepared.generation == processor.generation
+                    and not self._rewind
+                ):
+                    self._start(prepared, rejects, batch, len(records), t0, db, ring)
             while self.in_flight and (
                 len(self.in_flight) >= self.max_in_flight
                 or self._in_flight_records >= self.max_in_flight_records
@@ -264,138 +292,103 @@ class MarketDataProcessor:
                 w0 = time.perf_counter()
                 await asyncio.wait({self.in_flight[0].task})
                 self.waited["backpressure"] += time.perf_counter() - w0
-                self._in_flight_records -= self.in_flight.popleft().records
+                self._reap()
             if time.monotonic() - last_refresh > 60:
                 last_refresh = time.monotonic()
                 with contextlib.suppress(Exception):
                     processor.known_tokens = await self._known_tokens(pool)
 
-    async def _write_and_commit(
+    def _start(
         self,
-        consumer: AIOKafkaConsumer,
-        processor: BatchProcessor,
-        prepared: Prepared,
+        p: Prepared,
         rejects: list[tuple[Record, Rejected]],
         batch: dict[TopicPartition, list[Record]],
+        records: int,
         t0: float,
-        prev: _Flight | None,
-        me: _Flight,
+        db: Sink[DbPart, WriteResult],
+        ring: Sink[RingPart, list[str | None]],
     ) -> None:
-        """One batch: dead letters, then TimescaleDB and the ring together, each queued for
-        its sink's group commit after the previous batch; the offsets after the previous
-        commit. A batch whose predecessor was abandoned is abandoned too (its records come
-        again)."""
+        """Submit a prepared batch's parts (synchronously, so sinks see batches in order) and
+        start the task that lands it."""
+        ring_fut = ring.submit(p.ring_part())
+        db_fut = db.submit(p.db_part(), after=ring_fut)
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
+        prev = self.in_flight[-1] if self.in_flight else None
+        flight = _Flight(p, rejects, offsets, records, t0, ring_fut, db_fut)
+        flight.task = asyncio.create_task(self._land(flight, prev, ring))
+        self.in_flight.append(flight)
+        self._in_flight_records += records
 
+    def _reap(self) -> None:
+        while self.in_flight and self.in_flight[0].task.done():
+            self._in_flight_records -= self.in_flight.popleft().records
+
+    async def _land(
+        self, f: _Flight, prev: _Flight | None, ring: Sink[RingPart, list[str | None]]
+    ) -> None:
+        """Wait until the whole batch is durable (dead letters, ring, database, then the
+        ring's late part), then commit its offsets after its predecessor's. A batch whose
+        predecessor was abandoned is abandoned too (its records come again)."""
+        processor = self.processor
+        flow = self.flow
+        assert processor is not None and flow is not None  # set for the duration of run()
+        p = f.prepared
         try:
-            try:
-                await self._retrying(
-                    consumer, "dlq", functools.partial(processor.publish_rejects, rejects)
-                )
-            except BaseException as e:
-                for fut in (me.db, me.ring, me.ready):
-                    _settle(fut, _Abandoned())
-                raise _Abandoned from e
-            if rejects and self.crash is not None:
-                self.crash.reach("after_dlq_produce")
-            await processor.write(
-                prepared,
-                db_write=functools.partial(self._queue, self._db, prev.db if prev else None, me.db),
-                ring_write=functools.partial(
-                    self._queue, self._ring, prev.ring if prev else None, me.ring
-                ),
-            )
-            assert self._state is not None
-            await self._state.submit(prepared)
+            if f.rejects:
+                await flow.retry("dlq", lambda: processor.publish_rejects(f.rejects))
+                if self.crash is not None:
+                    self.crash.reach("after_dlq_produce")
+            written = await f.db
+            await f.ring
+            if p.late:
+                await ring.submit(p.late_part(written))
             if prev is not None:
                 await asyncio.shield(prev.ready)  # offsets become committable in batch order
-        except _Abandoned:
-            _settle(me.ready, _Abandoned())
-            processor.reset()  # later prepared batches assumed this one would land
-            return
-        for tp, recs in batch.items():
-            if recs:
-                self._committable[tp] = recs[-1].offset + 1
-        self._committable_records += sum(len(r) for r in batch.values())
-        _settle(me.ready, None)
-        await self._commit(consumer)
-        n = sum(len(r) for r in batch.values())
-        metrics.TICKS_IN.inc(n)
-        metrics.BATCH_SIZE.observe(n)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
-        self._observe_lag(consumer, batch)
-
-    async def _queue(
-        self,
-        group: GroupCommit[P, R] | None,
-        after: asyncio.Future[None] | None,
-        queued: asyncio.Future[None],
-        part: P,
-    ) -> R:
-        """Hand a batch's part to a sink's group commit, after its predecessor's (batch
-        order); ``queued`` tells the successor it may follow."""
-        assert group is not None
-        try:
-            if after is not None:
-                await asyncio.shield(after)  # raises if the predecessor was given up
-            fut = group.submit(part)
         except BaseException as e:
-            _settle(queued, _Abandoned())
-            raise e if isinstance(e, _Abandoned) else _Abandoned() from e
-        _settle(queued, None)
-        return await fut
+            _settle(f.ready, Abandoned())
+            if isinstance(e, StateMoved):
+                # Nothing of this generation lands any more (the sinks fail it); the main loop
+                # starts no new batch until it has read the partitions again.
+                if not self._rewind:
+                    metrics.STATE_MOVED.inc()
+                    log.warning("database refused a batch; reading again", error=str(e)[:300])
+                self._rewind = True
+            elif p.generation == processor.generation:
+                processor.reset()  # later prepared batches assumed this one would land
+            if not isinstance(e, (Abandoned, StateMoved, asyncio.CancelledError)):
+                log.error("batch failed unexpectedly; left uncommitted", error=repr(e)[:300])
+            return
+        for tp, offset in f.offsets.items():
+            self._committable[tp] = offset
+        self._committable_records += f.records
+        _settle(f.ready, None)
+        processor.observe(p, written)
+        await self._commit_offsets()
+        metrics.TICKS_IN.inc(f.records)
+        metrics.BATCH_SIZE.observe(f.records)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - f.t0)
 
-    async def _retrying(
-        self, consumer: AIOKafkaConsumer, sink: str, fn: Callable[[], Awaitable[T]]
-    ) -> T:
-        """Run ``fn`` until it succeeds; meanwhile pause the partitions and back off."""
-        wait = wait_exponential_jitter(multiplier=0.2, max=10)
-        attempt = 0
-        paused = False
-        try:
-            while True:
-                try:
-                    return await fn()
-                except Stale:
-                    raise
-                except Exception as e:
-                    attempt += 1
-                    metrics.WRITE_RETRIES.labels(sink=sink).inc()
-                    log.warning(
-                        "batch step failed; retrying",
-                        sink=sink,
-                        attempt=attempt,
-                        error=repr(e)[:300],
-                    )
-                    if not paused:
-                        self._pause(consumer)
-                        paused = True
-                    deadline = time.monotonic() + wait(_RetryState(attempt))  # type: ignore[arg-type]
-                    while time.monotonic() < deadline:
-                        if self.stop_event.is_set() or self.revoking:
-                            raise _Abandoned from e
-                        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        finally:
-            if paused:
-                self._resume(consumer)
+    async def _read_again(self, consumer: AIOKafkaConsumer, processor: BatchProcessor) -> None:
+        """After the database refused a batch: let the batches in flight fail, forget the
+        memory and read every assigned partition again from its committed offset."""
+        if self.in_flight:
+            await asyncio.wait([f.task for f in self.in_flight])
+        self._reap()
+        processor.reset()
+        for tp in consumer.assignment():
+            committed = await consumer.committed(tp)
+            if committed is None or committed < 0:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        self._rewind = False
 
-    def _pause(self, consumer: AIOKafkaConsumer) -> None:
-        # Paused partitions fetch nothing, so nothing piles up in memory; the main loop keeps
-        # calling getmany, which keeps this member in the group.
-        self._paused += 1
-        if self._paused == 1:
-            consumer.pause(*consumer.assignment())
-            metrics.PAUSED.set(1)
-
-    def _resume(self, consumer: AIOKafkaConsumer) -> None:
-        self._paused -= 1
-        if self._paused == 0:
-            consumer.resume(*consumer.assignment())
-            metrics.PAUSED.set(0)
-
-    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+    async def _commit_offsets(self) -> None:
         """Commit every offset that is durable so far. One commit at a time; batches that
         became ready meanwhile ride along with the next one instead of queueing a commit each,
         so commit round trips don't throttle a stream of small batches."""
+        consumer = self._consumer
+        assert consumer is not None  # set for the duration of run()
         async with self._commit_lock:
             if not self._committable:
                 return  # an earlier caller committed ours too
@@ -409,16 +402,35 @@ class MarketDataProcessor:
                 # The group moved on: the next owner gets these records again, and every
                 # write above is idempotent, so redelivery is harmless.
                 log.warning("commit failed; batch will be redelivered", error=repr(e)[:200])
+            for tp, offset in offsets.items():
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    metrics.LAG.labels(partition=str(tp.partition)).set(max(0, hw - offset))
 
-    def _observe_lag(
-        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Record]]
-    ) -> None:
-        for tp, recs in batch.items():
-            hw = consumer.highwater(tp)
-            if hw is not None and recs:
-                metrics.LAG.labels(partition=str(tp.partition)).set(
-                    max(0, hw - recs[-1].offset - 1)
-                )
+    @staticmethod
+    async def _claim_redis(client: aioredis.Redis, keys: RedisKeys) -> None:
+        """Register this database in Redis and log (and count) state of other databases or of
+        the un-namespaced layout: never read, left to expire (another deployment may use
+        it)."""
+        try:
+            await client.sadd(DATABASES, keys.db_id)
+            members = await client.smembers(DATABASES)
+            names = {m.decode() if isinstance(m, bytes) else m for m in members}
+            others = sorted(names - {keys.db_id})
+            legacy = await client.exists("nadi:live")
+        except Exception as e:  # Redis down at start-up: the sinks will retry; not fatal
+            log.warning("could not check Redis for other databases' state", error=repr(e)[:200])
+            return
+        if others:
+            log.warning(
+                "redis holds state of other databases; ignored (keys are per database)",
+                database=keys.db_id,
+                others=others,
+            )
+            metrics.REDIS_STATE_DISCARDED.labels(reason="other_database").inc(len(others))
+        if legacy:
+            log.warning("redis holds un-namespaced (pre-0010) state; ignored")
+            metrics.REDIS_STATE_DISCARDED.labels(reason="legacy_keys").inc()
 
     @staticmethod
     async def _known_tokens(pool: asyncpg.Pool) -> frozenset[int]:
@@ -426,47 +438,13 @@ class MarketDataProcessor:
         return frozenset(r[0] for r in rows)
 
 
-@dataclass
-class _Flight:
-    """A batch being written: when it joined the database's and the ring's group commit
-    (successors queue after it, keeping batch order), when its offsets became committable, and
-    the task that ends with its offset commit."""
+def _db_crash_points(crash: CrashPoints) -> Callable[[Sequence[DbPart]], None]:
+    def after_write(parts: Sequence[DbPart]) -> None:
+        if sum(1 for q in parts if q.size) >= 2:
+            crash.reach("mid_group_commit")
+        crash.reach("after_db_commit")
 
-    db: asyncio.Future[None]  # queued for the database
-    ring: asyncio.Future[None]  # queued for the ring
-    ready: asyncio.Future[None]  # its offsets joined the committable set
-    records: int  # Kafka records in the batch
-    task: asyncio.Task[None] = field(init=False)
-
-    @classmethod
-    def new(cls, records: int) -> _Flight:
-        loop = asyncio.get_running_loop()
-        db, ring, ready = (loop.create_future() for _ in range(3))
-        f = cls(db, ring, ready, records)
-        for fut in (f.db, f.ring, f.ready):
-            fut.add_done_callback(_retrieve)  # a failure is read by successors, if any
-        return f
-
-
-def _retrieve(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
-
-
-class _RetryState:
-    """The little of tenacity's RetryCallState that its wait strategies read."""
-
-    def __init__(self, attempt: int) -> None:
-        self.attempt_number = attempt
+    return after_write
 
 
 async def run_worker(settings: Settings) -> None:
