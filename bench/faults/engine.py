@@ -40,10 +40,10 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka import KafkaError, Message, Producer
 
-import nadi.redis_keys
 from bench.faults.stack import FaultStack
 from bench.faults.stream import Stream, generate
 from nadi.kafka_admin import group_offsets
+from nadi.redis_keys import RedisKeys
 from nadi.settings import Settings
 
 STALE = "STALE"
@@ -227,6 +227,7 @@ class Run:
     notes: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     recovery: asyncio.Task[float] | None = None
+    state: dict[str, object] = field(default_factory=dict)  # a row's own objects
 
     def end_fault(self) -> None:
         """The fault is over: ``recovery_s`` runs from now until the group has committed
@@ -311,6 +312,7 @@ class Row:
     partitions: int = 6
     check: Callable[[Run, dict[str, Any]], None] | None = None  # extra row checks
     redis_kept: bool = True  # Redis keeps its data: each ring holds all its stored ticks
+    after: Fault | None = None  # runs once the group caught up (or the row failed)
 
 
 async def run_row(stack: FaultStack, row: Row, n: int, *, seed: int = 1) -> dict[str, Any]:
@@ -355,6 +357,11 @@ async def run_row(stack: FaultStack, row: Row, n: int, *, seed: int = 1) -> dict
     except Exception as e:
         run.problems.append(f"{type(e).__name__}: {e}")
     finally:
+        if row.after is not None:
+            try:
+                await row.after(run)
+            except Exception as e:
+                run.problems.append(f"{type(e).__name__}: {e}")
         if run.recovery is not None and not run.recovery.done():
             run.recovery.cancel()
         codes = run.workers.stop_all()
@@ -439,19 +446,13 @@ async def measure(run: Run) -> dict[str, Any]:
 
 
 async def ring_names(s: Settings) -> Callable[[int], str]:
-    """token -> its ring's key: namespaced by the database's identity where the processor
-    does that (``RedisKeys``), else the old flat names."""
-    keys_cls = getattr(nadi.redis_keys, "RedisKeys", None)
-    if keys_cls is None:
-        flat: Callable[[int], str] = nadi.redis_keys.ring_key  # type: ignore[attr-defined,unused-ignore]
-        return flat
+    """token -> its ring's key (namespaced by the database's identity)."""
     conn = await asyncpg.connect(s.pg_dsn)
     try:
-        keys = await keys_cls.load(conn)
+        keys = await RedisKeys.load(conn)
     finally:
         await conn.close()
-    ring: Callable[[int], str] = keys.ring
-    return ring
+    return keys.ring
 
 
 async def ring_figures(

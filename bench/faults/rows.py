@@ -20,6 +20,7 @@ from confluent_kafka import TopicPartition as CTopicPartition
 from confluent_kafka.admin import AdminClient
 
 from bench.faults.engine import Fault, Row, Run, wait_until
+from bench.faults.ws_row import api_row
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
 
@@ -274,5 +275,6 @@ ROWS: dict[str, Row] = {
         Row("database_replaced", _fresh_database, redis_kept=False),
         Row("database_restored_from_dump", _restored_dump, check=_restored_check),
         *(network_row(svc, k) for svc in ("pg", "redis", "kafka") for k in TOXICS),
+        api_row(),
     ]
 }

@@ -65,6 +65,7 @@ class Ports:
     proxy_pg: int = 15433
     proxy_redis: int = 16380
     proxy_kafka: int = 19095  # what PROXIED advertises
+    api: int = 18080  # `nadi api` of the API row
 
 
 class FaultStack:
