@@ -39,6 +39,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka.admin import AdminClient
 
 from bench.faults.stack import FaultStack
 from bench.faults.stream import Stream, generate
@@ -295,6 +296,23 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
+def group_members(s: Settings) -> list[set[int]]:
+    """The partitions of each member of the row's group (blocking: call from a thread)."""
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
+    desc = admin.describe_consumer_groups([s.group_id])[s.group_id].result(timeout=10)
+    return [{tp.partition for tp in m.assignment.topic_partitions} for m in desc.members]
+
+
+async def group_formed(s: Settings, members: int, partitions: int) -> bool:
+    """``members`` consumers in the group sharing every partition (a stable assignment)."""
+    try:
+        got = await asyncio.to_thread(group_members, s)
+    except Exception:
+        return False
+    everything = set().union(*got) if got else set()
+    return len(got) == members and everything == set(range(partitions))
+
+
 Fault = Callable[[Run], Awaitable[None]]
 
 
@@ -344,6 +362,13 @@ async def run_row(stack: FaultStack, row: Row, n: int, *, seed: int = 1) -> dict
     try:
         for i in range(row.workers):
             run.workers.spawn(row.first_fault if i == 0 else None)
+        # The stream starts once every worker is in the group (a worker's start-up takes
+        # seconds on a loaded machine; a fault before it would hit nothing).
+        await wait_until(
+            lambda: group_formed(s, row.workers, row.partitions),
+            120,
+            f"{row.workers} workers to join the group",
+        )
         run.producer.start()
         await row.fault(run)
         if run.fault_end is None:
@@ -364,8 +389,10 @@ async def run_row(stack: FaultStack, row: Row, n: int, *, seed: int = 1) -> dict
                 run.problems.append(f"{type(e).__name__}: {e}")
         if run.recovery is not None and not run.recovery.done():
             run.recovery.cancel()
+        # A row that failed half-way may have left a service down: heal first, so the
+        # workers can drain and leave the group on SIGTERM.
+        await stack.heal()
         codes = run.workers.stop_all()
-        await stack.heal()  # a row that failed half-way may have left a service down
     if any(c != 0 for c in codes):
         run.problems.append(f"workers did not stop cleanly on SIGTERM: return codes {codes}")
     figures = await measure(run)

@@ -19,7 +19,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka import TopicPartition as CTopicPartition
 from confluent_kafka.admin import AdminClient
 
-from bench.faults.engine import Fault, Row, Run, wait_until
+from bench.faults.engine import Fault, Row, Run, group_members, wait_until
 from bench.faults.ws_row import api_row
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
@@ -29,17 +29,12 @@ CRASH_POINTS: dict[str, int] = {
     "after_decode": 12,
     "after_db_commit": 8,
     "after_ring_write": 8,
-    "mid_group_commit": 8,
-    "in_rebalance": 2,  # the first callback is the initial assignment; the 2nd a rebalance
+    "mid_group_commit": 3,  # group commits of >= 2 batches (the row slows the database)
+    # The initial join calls on_partitions_revoked(empty) and on_partitions_assigned; the
+    # 3rd callback is the revocation when a second member joins, with batches in flight.
+    "in_rebalance": 3,
     "after_dlq_produce": 3,
 }
-
-
-def group_members(s: Settings) -> list[set[int]]:
-    """The partitions of each member of the row's group (blocking: call from a thread)."""
-    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
-    desc = admin.describe_consumer_groups([s.group_id])[s.group_id].result(timeout=10)
-    return [{tp.partition for tp in m.assignment.topic_partitions} for m in desc.members]
 
 
 def reset_offsets(s: Settings, offsets: dict[int, int]) -> None:
@@ -59,16 +54,37 @@ async def _group_empty(s: Settings) -> bool:
 
 
 # -- SIGKILL at a crash point ------------------------------------------------------------------
+# Latency on the database's link for the mid_group_commit row: batches queue up behind each
+# transaction, so group commits with several members happen for certain (with a fast database
+# they depend on the machine's timing and a point at n may never be reached).
+SLOW_DB_MS = 40
+
+
 def crash_row(point: str) -> Row:
     rebalance = point == "in_rebalance"
+    slow_db = point == "mid_group_commit"
 
     async def fault(run: Run) -> None:
         first = run.workers.procs[0]
+        if slow_db:
+            assert run.stack.toxics is not None
+            run.stack.toxics.add_toxic("pg", "latency", {"latency": SLOW_DB_MS})
         if rebalance:  # a member joining makes the group rebalance under the first one
             await run.producer.reached(0.3)
+
+            async def owns_all() -> bool:  # the first's initial join is over (2 callbacks)
+                try:
+                    return await asyncio.to_thread(group_members, run.s) == [set(range(6))]
+                except Exception:
+                    return False
+
+            await wait_until(owns_all, 60, "the first worker to own every partition")
             run.workers.spawn()
         budget = 120 + run.n / 500
         await wait_until(lambda: first.poll() is not None, budget, f"NADI_FAULT {point} to fire")
+        if slow_db:
+            assert run.stack.toxics is not None
+            run.stack.toxics.reset()
         run.end_fault()
         run.notes["killed_at"] = round(run.producer.acked / run.stream.sent, 2)
         if first.returncode != -signal.SIGKILL:
@@ -81,7 +97,18 @@ def crash_row(point: str) -> Row:
         fault=fault,
         workers=1 if rebalance else 2,
         first_fault=f"{point}:{CRASH_POINTS[point]}",
+        proxied=slow_db,
+        check=_dlq_again if point == "after_dlq_produce" else None,
     )
+
+
+def _dlq_again(run: Run, figures: dict[str, Any]) -> None:
+    """Killed after producing dead letters and before committing their offsets: the batch is
+    redelivered and dead-lettered again (at least once, dedup by the source headers)."""
+    if figures["dlq"] <= figures["bad"]:
+        run.problems.append(
+            f"dlq = {figures['dlq']} after a kill at after_dlq_produce: nothing dead-lettered twice"
+        )
 
 
 # -- the group ---------------------------------------------------------------------------------
@@ -197,9 +224,16 @@ async def _fresh_database(run: Run) -> None:
 
 async def _restored_dump(run: Run) -> None:
     await run.producer.reached(0.3)
-    _, before = await asyncio.to_thread(
-        group_offsets, run.s.kafka_bootstrap, run.s.group_id, run.s.topic_ticks
-    )
+    before: dict[int, int] = {}
+
+    async def committed() -> bool:  # the dump must come after some of the stream is stored
+        nonlocal before
+        _, before = await asyncio.to_thread(
+            group_offsets, run.s.kafka_bootstrap, run.s.group_id, run.s.topic_ticks
+        )
+        return sum(max(0, o) for o in before.values()) > 0
+
+    await wait_until(committed, 60, "the group to commit before the dump")
     dump = run.stack.paths.pg / "row.dump"
     dump.unlink(missing_ok=True)
     await asyncio.to_thread(run.stack.pg_dump, dump)
