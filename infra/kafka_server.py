@@ -39,8 +39,16 @@ logger.startup.level = INFO
 
 
 class KafkaServer:
-    def __init__(self, settings: Settings, paths: Paths) -> None:
+    """One KRaft broker+controller. ``proxied`` = (port, advertised port) adds a second
+    listener, ``PROXIED``, on ``port`` that advertises ``host:advertised port``: a TCP proxy
+    (Toxiproxy) listening there and forwarding to ``port`` keeps its clients on the proxy, since
+    Kafka clients reconnect to the advertised address of the listener they came in on."""
+
+    def __init__(
+        self, settings: Settings, paths: Paths, *, proxied: tuple[int, int] | None = None
+    ) -> None:
         self.s = settings
+        self.proxied = proxied
         self.paths = paths
         self.dir = paths.kafka
         self.data = self.dir / "data"
@@ -105,15 +113,22 @@ class KafkaServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "log4j2.properties").write_text(LOG4J2)
         host, port, cport = self.s.kafka_host, self.s.kafka_port, self.controller_port
+        listeners = f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}"
+        advertised = f"PLAINTEXT://{host}:{port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if self.proxied is not None:
+            listeners += f",PROXIED://{host}:{self.proxied[0]}"
+            advertised += f",PROXIED://{host}:{self.proxied[1]}"
+            protocols += ",PROXIED:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{host}:{cport}",
-            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(self.data),
             "num.partitions": str(self.s.ticks_partitions),
             "auto.create.topics.enable": "false",

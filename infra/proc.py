@@ -76,6 +76,13 @@ def read_pid(pidfile: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     try:
+        # A service this process started (Kafka under the fault stack) and that died is a
+        # zombie until reaped, and ``kill(pid, 0)`` would call it alive.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return None
+    except ChildProcessError:
+        pass  # not our child (or already reaped)
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None

@@ -14,6 +14,7 @@ import typer
 
 from api.cli import api
 from bench.candles import bench_candles
+from bench.faults.command import bench_faults
 from bench.latency import bench_latency
 from bench.replay import bench_replay
 from bench.ws import bench_ws
@@ -42,6 +43,7 @@ bench_app.command("replay")(bench_replay)
 bench_app.command("candles")(bench_candles)
 bench_app.command("latency")(bench_latency)
 bench_app.command("ws")(bench_ws)
+bench_app.command("faults")(bench_faults)
 instruments_app.command("load")(instruments_load)
 
 

@@ -10,6 +10,12 @@ found behind the database and restarted): a tick the database already had (STORE
 in only at or above it and only if it is not in yet, so the ring stays a gap-free tail of
 what is stored; a late tick new to the database (NEW_LATE) goes in whatever the floor.
 
+An append may carry, per tick, the sequence the worker expects the ring to have reached (the
+last sequence its batch was classified against; the ring is written first and in order, so its
+top is never below that). A top below it means Redis lost data while the worker ran (restarted
+from an older snapshot, flushed): the ring is restarted after the expected sequence in the same
+call, as ``check`` does on first touch, and reported.
+
 ``check`` compares the ring's top (highest appended sequence) with the database's last
 sequence of an instrument-day (ingest_state): behind, the ring is deleted and restarts after
 the database's last (the catch-up reads the rest from the database); ahead (a database restored
@@ -45,10 +51,10 @@ local maxlen, live_maxlen, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local blob, pre, bigseq = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local call, sub = redis.call, string.sub
 -- Per (day, token): {day, token, floor, top, bitmap key, dirty}; per token: the ring key.
-local out, groups, ringkeys = {}, {}, {}
+local out, groups, ringkeys, restarted = {}, {}, {}, {}
 local appended = 0
 for i, it in ipairs(items) do
-  local day, token, seq, mode = it[1], it[2], it[3], it[4]
+  local day, token, seq, mode, expect = it[1], it[2], it[3], it[4], it[7]
   local gk = day * 4294967296 + token
   local g = groups[gk]
   if g == nil then
@@ -57,6 +63,14 @@ for i, it in ipairs(items) do
     g = {day, token, tonumber(f or '-1'), tonumber(top or '-1'),
          pre .. 'ra:' .. day .. ':' .. token, false}
     groups[gk] = g
+    if expect >= 0 and g[4] < expect then
+      -- Behind what this worker already appended: Redis lost data. Restart after it.
+      call('DEL', pre .. 'ring:' .. token, g[5], g[5] .. ':big')
+      g[3], g[4], g[6] = expect + 1, expect, true
+      restarted[#restarted + 1] = token
+      restarted[#restarted + 1] = day
+      restarted[#restarted + 1] = (top and 2 or 3)
+    end
   end
   if g[3] < 0 and mode == 1 then
     -- No ring for this instrument-day (a new day, or Redis lost it): it starts here.
@@ -106,7 +120,7 @@ if appended > 0 then
   call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'p', blob, 'o', offsets)
   call('EXPIRE', KEYS[1], ttl)
 end
-return offsets
+return {offsets, restarted}
 """
 
 # ARGV[1]: msgpack [[day, token, db_last (-1: none)], ...]. Returns a flat list of
@@ -236,23 +250,44 @@ class RingWriter:
         """Returns the ring offset of each tick, or None where it was already in the ring (or
         is a stored tick below the floor). ``modes`` (IN_ORDER, NEW_LATE, STORED_LATE) default
         from the statuses: OK and STALE are in order, anything else is new to the database."""
+        offsets, _ = await self.append_expecting(ticks, days, statuses, modes)
+        return offsets
+
+    async def append_expecting(
+        self,
+        ticks: Sequence[Tick],
+        days: Sequence[int],
+        statuses: Sequence[str],
+        modes: Sequence[int] | None = None,
+        expect: Sequence[int] | None = None,
+    ) -> tuple[list[str | None], list[RingCheck]]:
+        """As :meth:`append`; ``expect`` (aligned with ``ticks``, -1 for none) is the
+        sequence each tick's ring must have reached already: a ring behind it is restarted
+        after it first (BEHIND, or LOST when it had no state at all); those are returned."""
         if not ticks:
-            return []
+            return [], []
         if modes is None:
             modes = [IN_ORDER if s in IN_ORDER_STATUSES else NEW_LATE for s in statuses]
+        if expect is None:
+            expect = [-1] * len(ticks)
         payloads = [live_payload(t, s) for t, s in zip(ticks, statuses, strict=True)]
         joined = b"[" + b",".join(payloads) + b"]"
         items = []
         at = 2  # Lua's 1-based position of the first payload, after "["
-        for t, d, m, p in zip(ticks, days, modes, payloads, strict=True):
-            items.append((d, t.instrument_token, t.sequence_id, m, at, len(p)))
+        for t, d, m, e, p in zip(ticks, days, modes, expect, payloads, strict=True):
+            items.append((d, t.instrument_token, t.sequence_id, m, at, len(p), e))
             at += len(p) + 1
         blob = _pack(items)
         result = await self._script(
             keys=[self.keys.live],
             args=[blob, *self._tail, joined, self.keys.prefix, BITMAP_MAX_SEQ],
         )
-        return [o or None for o in result.decode().split(",")]
+        offsets, flat = result
+        restarted = [
+            RingCheck(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+        return [o or None for o in offsets.decode().split(",")], restarted
 
     async def check(self, last: Mapping[tuple[int, int], int | None]) -> list[RingCheck]:
         """Compare each (token, day)'s ring with the database's last sequence (None: no tick

@@ -92,3 +92,45 @@ async def test_check_restarts_a_ring_behind_the_database_and_keeps_one_ahead(
     assert await ring.append([t[8]], [DAY], ["OK"], [STORED_LATE]) == [None]
     assert all(await ring.append([t[9]], [DAY], ["OK"]))
     assert await _seqs(redis_client, keys) == [9]
+
+
+async def test_an_append_behind_its_expected_sequence_restarts_the_ring(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Redis came back from an older snapshot while the worker ran (its memory checked the
+    ring on first touch, long ago): the next in-order append expects the ring at the last
+    sequence it classified against, finds it behind and restarts it after that, so the ring
+    stays a gap-free tail instead of old entries, a hole, then new ones."""
+    await redis_client.flushdb()
+    keys = RedisKeys(uuid.uuid4().hex)
+    ring = RingWriter(redis_client, keys, maxlen=1000, ttl_s=600)
+    t0 = time.time_ns()
+    t = {s: tick(TOKEN, s, t0 + s) for s in range(1, 20)}
+
+    async def append(seqs: list[int], expect: int) -> tuple[list[str | None], list[RingCheck]]:
+        n = len(seqs)
+        return await ring.append_expecting(
+            [t[s] for s in seqs], [DAY] * n, ["OK"] * n, [IN_ORDER] * n, [expect] * n
+        )
+
+    offsets, restarted = await append([1, 2, 3], -1)
+    assert all(offsets) and restarted == []
+    offsets, restarted = await append([4, 5], 3)  # as expected: nothing restarted
+    assert all(offsets) and restarted == []
+    # The snapshot Redis restarts from has the ring up to 3; the worker appended up to 5.
+    entries: Any = await redis_client.xrange(keys.ring(TOKEN))
+    await redis_client.xdel(keys.ring(TOKEN), *[e[0] for e in entries[3:]])
+    await redis_client.hset(keys.ring_top(DAY), str(TOKEN), "3")
+    for seq in (4, 5):
+        await redis_client.setbit(keys.ring_appended(DAY, TOKEN), seq, 0)
+    assert await _seqs(redis_client, keys) == [1, 2, 3]
+    offsets, restarted = await append([6, 7], 5)
+    assert all(offsets) and restarted == [RingCheck(TOKEN, DAY, BEHIND)]
+    assert await _seqs(redis_client, keys) == [6, 7]
+    # Flushed: no ring state at all.
+    await redis_client.flushdb()
+    offsets, restarted = await append([8], 7)
+    assert all(offsets) and restarted == [RingCheck(TOKEN, DAY, LOST)]
+    assert await _seqs(redis_client, keys) == [8]
+    # A redelivery below the restart point stays out (the floor).
+    assert await ring.append([t[7]], [DAY], ["OK"], [STORED_LATE]) == [None]

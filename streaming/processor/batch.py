@@ -71,13 +71,14 @@ class DbPart:
 
 @dataclass(frozen=True, slots=True)
 class RingPart:
-    """One batch's share of a ring append; ``modes`` as in nadi.ring."""
+    """One batch's share of a ring append; ``modes`` and ``expect`` as in nadi.ring."""
 
     generation: int
     ticks: Sequence[Tick]
     days: Sequence[int]
     statuses: Sequence[str]
     modes: Sequence[int]
+    expect: Sequence[int]
 
     @property
     def size(self) -> int:
@@ -134,12 +135,17 @@ class Prepared:
         the database, never behind it."""
         idx = [i for i, s in enumerate(self.statuses) if s != LATE]
         statuses = [self.statuses[i] for i in idx]
+        # The ring has every tick up to the state this batch was classified against (it is
+        # written first, in order); the ring detects that Redis lost data by it.
+        exp = self.expected
+        expect = [-1 if (q := exp[self.keys[i]]) is None else q for i in idx]
         return RingPart(
             self.generation,
             [self.fresh[i] for i in idx],
             [self.keys[i][1] for i in idx],
             statuses,
             [IN_ORDER if s in IN_ORDER_STATUSES else NEW_LATE for s in statuses],
+            expect,
         )
 
     def db_part(self) -> DbPart:
@@ -162,6 +168,7 @@ class Prepared:
             [self.keys[i][1] for i in idx],
             [o.status for o in written.late],
             [NEW_LATE if o.stored_now else STORED_LATE for o in written.late],
+            [-1] * len(idx),
         )
 
 
@@ -275,12 +282,22 @@ class BatchProcessor:
     async def append_ring(self, parts: Sequence[RingPart]) -> list[list[str | None]]:
         """Append the parts of several batches to the ring in one call, in order; returns
         each part's ring offsets (None where a tick was not appended)."""
-        offsets = await self.ring.append(
+        offsets, restarted = await self.ring.append_expecting(
             [t for q in parts for t in q.ticks],
             [d for q in parts for d in q.days],
             [s for q in parts for s in q.statuses],
             [m for q in parts for m in q.modes],
+            [e for q in parts for e in q.expect],
         )
+        for c in restarted:
+            reason = "ring_behind" if c.outcome == BEHIND else "ring_lost"
+            log.warning(
+                "redis lost ring state while the worker ran: ring restarted",
+                reason=reason,
+                instrument_token=c.token,
+                day=c.day,
+            )
+            metrics.REDIS_STATE_DISCARDED.labels(reason=reason).inc()
         out: list[list[str | None]] = []
         at = 0
         for q in parts:

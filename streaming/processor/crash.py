@@ -10,7 +10,8 @@ reaches ``<point>``. Points, in a batch's life:
   ring write (its late ticks) and before the offset commit.
 - ``mid_group_commit``: in a database group commit that merged >= 2 batches, after the write
   and before its parts are resolved.
-- ``in_rebalance``: inside ``on_partitions_revoked`` / ``on_partitions_assigned``.
+- ``in_rebalance``: inside ``on_partitions_revoked`` / ``on_partitions_assigned`` (the
+  first join calls both, revoked with nothing: n=3 is the first real revocation).
 - ``after_dlq_produce``: a batch's dead letters were produced and acknowledged, before the
   offset commit.
 
