@@ -26,7 +26,8 @@ from bench.common import (
 from nadi.codec import encode
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import EPOCH, NS
 
 TOKENS = [738561 + 256 * i for i in range(80)]  # 80 instruments, Kite-style NSE tokens
 
@@ -113,7 +114,7 @@ async def raw_write(s: Settings, ticks: list[Tick], batch: int) -> float:
         )
         from datetime import UTC, datetime, timedelta
 
-        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        epoch = EPOCH
         cols = (
             "instrument_token",
             "exchange_ts",

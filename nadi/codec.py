@@ -11,12 +11,13 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 
 import msgspec
 
-from nadi.tick import NS, Tick, WireTick
+from nadi.tick import Tick, WireTick
+from nadi.times import NS, to_epoch_ns
 
 
 class Reason(StrEnum):
@@ -44,8 +45,6 @@ class Rejected(Exception):
 
 
 _decoder = msgspec.json.Decoder(WireTick, strict=True)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _NON_FINITE_LITERAL = re.compile(rb":\s*-?(?:NaN|Infinity)\b")
 _FLOAT_FIELDS = ("last_price", "bid", "ask")
 
@@ -121,7 +120,7 @@ def parse_exchange_ts(v: int | str) -> int:
         raise Rejected(Reason.BAD_TIMESTAMP, f"exchange_ts {v[:40]!r} is not ISO-8601") from None
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise Rejected(Reason.BAD_TIMESTAMP, f"exchange_ts {v[:40]!r} has no UTC offset")
-    ns = (dt - _EPOCH) // _MICROSECOND * 1000  # exact integer arithmetic, no float rounding
+    ns = to_epoch_ns(dt)
     if ns <= 0:
         raise Rejected(Reason.OUT_OF_RANGE, "exchange_ts is before 1970")
     return ns

@@ -27,8 +27,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from nadi.ring import LiveTick
+from nadi.times import to_datetime_us, to_epoch_us
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SEQ_MAX = 2**63 - 1  # larger than any sequence_id: "after every tick of this microsecond"
 BATCH_TICKS = 2000  # ticks per yielded batch at speed 0 (amortises the async-generator hop)
 # Rows held across all readers, in units of chunk_rows: with many instruments each reader's page
@@ -55,19 +55,6 @@ LIMIT $6
 _EXCHANGES_SQL = (
     "SELECT instrument_token, exchange FROM instruments WHERE instrument_token = ANY($1)"
 )
-
-
-def to_datetime_us(us: int) -> datetime:
-    """UTC epoch microseconds -> aware datetime (exact; ``datetime.fromtimestamp`` rounds)."""
-    return _EPOCH + timedelta(microseconds=us)
-
-
-def to_epoch_us(dt: datetime) -> int:
-    """Aware datetime -> UTC epoch microseconds (exact)."""
-    if dt.tzinfo is None:
-        raise ValueError("datetime must be timezone-aware")
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 class _Reader:

@@ -12,8 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-IST_OFFSET_S = 19_800  # Asia/Kolkata is UTC+05:30 all year (no DST)
-NS = 1_000_000_000
+from nadi.times import trading_day_ordinal
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -91,8 +90,3 @@ class Tick(msgspec.Struct, frozen=True, gc=False, rename={"exchange_ts_ns": "exc
             ask_qty=self.ask_qty,
             feed=feed if feed is not None else self.feed,
         )
-
-
-def trading_day_ordinal(exchange_ts_ns: int) -> int:
-    """Days since 1970-01-01 of the Asia/Kolkata calendar date of a UTC epoch-ns timestamp."""
-    return (exchange_ts_ns // NS + IST_OFFSET_S) // 86_400

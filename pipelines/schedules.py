@@ -15,7 +15,8 @@ from dagster import (
     schedule,
 )
 
-from nadi.calendar import IST, SESSION_CLOSE, SESSION_OPEN, is_trading_day, previous_trading_day
+from nadi.calendar import SESSION_CLOSE, SESSION_OPEN, is_trading_day, previous_trading_day
+from nadi.times import IST, day_bounds
 from pipelines.jobs import (
     IN_PROGRESS_RUN_STATUSES,
     candle_refresh_job,
@@ -24,7 +25,7 @@ from pipelines.jobs import (
     replay_job,
     storage_job,
 )
-from pipelines.partitions import day_bounds, partition_key
+from pipelines.partitions import partition_key
 
 TZ = "Asia/Kolkata"
 # The last window (15:25-15:30) is refreshed after the close too.

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from nadi.codec import encode
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import NS
 
 
 def tick(

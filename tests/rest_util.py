@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,8 +20,7 @@ import httpx
 
 from api.app import create_app
 from nadi.settings import Settings
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from nadi.times import to_epoch_ns
 
 
 class Row(NamedTuple):
@@ -34,8 +33,7 @@ class Row(NamedTuple):
 
     @property
     def ts_ns(self) -> int:
-        d = self.exchange_ts - EPOCH
-        return ((d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds) * 1000
+        return to_epoch_ns(self.exchange_ts)
 
 
 async def seed(conn: asyncpg.Connection, rows: Iterable[Row], *, mark_dirty: bool) -> None:

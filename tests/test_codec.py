@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nadi.codec import Reason, Rejected, TickCodec, encode, parse_exchange_ts
-from nadi.tick import NS, Tick, trading_day_ordinal
+from nadi.tick import Tick
+from nadi.times import NS, trading_day_ordinal
 
 NOW = 1_795_500_000 * NS
 codec = TickCodec()

@@ -19,7 +19,8 @@ from nadi.redis_keys import RedisKeys
 from nadi.ring import RingWriter, decode_live_entry
 from nadi.sequence import Gap
 from nadi.settings import Settings
-from nadi.tick import NS, Tick, trading_day_ordinal
+from nadi.tick import Tick
+from nadi.times import NS, trading_day_ordinal
 from pipelines.assets.quality import repair_gaps
 from pipelines.resources import RecoverySourceResource, TimescaleResource
 from tests.feedgen import tick

@@ -26,11 +26,11 @@ from dagster import (
     materialize,
 )
 
-from nadi.calendar import IST
+from nadi.times import IST, day_bounds
 from pipelines.assets.candles import candle_refresh_policy, candles
 from pipelines.assets.quality import eod_reconciliation, gap_repair
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
-from pipelines.partitions import day_bounds, partition_key
+from pipelines.partitions import partition_key
 from pipelines.sensors import GAP_TAG, gap_repair_sensor
 from streaming.simulator.bhavcopy import write_bhavcopy
 from tests import pipelines_env

@@ -17,11 +17,12 @@ from dagster import (
     build_schedule_context,
 )
 
-from nadi.calendar import IST, is_trading_day, trading_days
+from nadi.calendar import is_trading_day, trading_days
 from nadi.settings import Settings
+from nadi.times import IST, day_bounds
 from pipelines.definitions import build_definitions, defs
 from pipelines.launch import dagster_config, platform_components
-from pipelines.partitions import build_trading_day_partitions, day_bounds, partition_key
+from pipelines.partitions import build_trading_day_partitions, partition_key
 from pipelines.schedules import (
     candle_refresh_schedule,
     candles_intraday_schedule,

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nadi.calendar import IST
 from nadi.instruments import bundled_instruments, round_to_tick
-from nadi.tick import NS
+from nadi.times import IST, NS
 from streaming.simulator.bhavcopy import COLUMNS, bhavcopy_rows, write_bhavcopy
 from streaming.simulator.feed import FeedSimulator
 from streaming.simulator.generator import DayGenerator

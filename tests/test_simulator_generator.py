@@ -8,9 +8,10 @@ from datetime import date, datetime
 
 import pytest
 
-from nadi.calendar import IST, ist_date, ist_midnight_ns, session_bounds_ns
+from nadi.calendar import session_bounds_ns
 from nadi.instruments import Instrument, bundled_instruments
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import IST, NS, ist_date, ist_midnight_ns
 from streaming.simulator.generator import BLOCK, DayGenerator
 
 DAY = date(2026, 11, 20)

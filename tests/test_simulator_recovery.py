@@ -10,7 +10,7 @@ import pytest
 
 from nadi.codec import encode
 from nadi.instruments import bundled_instruments
-from nadi.tick import NS
+from nadi.times import NS
 from streaming.simulator.feed import FeedSimulator
 from streaming.simulator.generator import DayGenerator
 from streaming.simulator.recovery import create_recovery_app, fetch_retransmission

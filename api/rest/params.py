@@ -20,7 +20,7 @@ import asyncpg
 from fastapi import HTTPException, Query, status
 from pydantic import Field
 
-from nadi.replay import to_datetime_us, to_epoch_us
+from nadi.times import EPOCH, to_datetime_us, to_epoch_us
 
 IST = timezone(timedelta(hours=5, minutes=30), "IST")
 
@@ -36,7 +36,7 @@ _ISO = re.compile(
 TIME_EXAMPLE = "2025-01-06T09:15:00+05:30"
 # Times the API accepts, UTC: wide enough for any market history, narrow enough that grid
 # arithmetic (a day either side) never leaves datetime's or PostgreSQL's range.
-MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_TIME = EPOCH
 MAX_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 INT64_MAX = 2**63 - 1  # bigint: instrument tokens, sequence ids
 

@@ -21,12 +21,11 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from zoneinfo import ZoneInfo
 
 from nadi.codec import encode
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import IST, NS
 
-IST = ZoneInfo("Asia/Kolkata")
 TOKENS = (738561, 408065, 2953217, 341249, 1270529, 779521, 424961, 2714625, 60417, 225537)
 OK, STALE, RECOVERED = "OK", "STALE", "RECOVERED"
 Key = tuple[int, int]  # (instrument_token, sequence_id)

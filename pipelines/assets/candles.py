@@ -36,9 +36,10 @@ from dagster import (
 )
 from pydantic import Field
 
+from nadi.times import day_bounds
 from pipelines.assets.storage import POLICY_RETRY, ticks
 from pipelines.checks import CandleCheckOutcome, candle_check_specs, check_candles_day
-from pipelines.partitions import day_bounds, key_to_day, trading_days
+from pipelines.partitions import key_to_day, trading_days
 from pipelines.resources import TimescaleResource, candle_mode, run_async
 
 GROUP = "aggregates"

@@ -36,15 +36,15 @@ from dagster import (
 )
 from pydantic import Field
 
-from nadi.calendar import IST, today_ist
+from nadi.calendar import today_ist
 from nadi.db.tick_writer import write_batch
 from nadi.instruments import round_to_tick
 from nadi.redis_keys import RedisKeys
 from nadi.ring import NEW_LATE, RingWriter
-from nadi.tick import NS
+from nadi.times import IST, NS, day_bounds
 from pipelines.assets.storage import ticks
 from pipelines.checks import EOD_CHECK, GAPS_CHECK, gaps_check_result
-from pipelines.partitions import day_bounds, key_to_day, trading_days
+from pipelines.partitions import key_to_day, trading_days
 from pipelines.resources import (
     RecoverySourceResource,
     RedisResource,

@@ -37,7 +37,8 @@ from nadi.logs import get_logger
 from nadi.ring import AHEAD, BEHIND, IN_ORDER, IN_ORDER_STATUSES, NEW_LATE, STORED_LATE, RingWriter
 from nadi.sequence import LATE, Gap, classify
 from nadi.settings import Settings
-from nadi.tick import IST_OFFSET_S, NS, Tick
+from nadi.tick import Tick
+from nadi.times import IST_OFFSET_S, NS
 from streaming.processor import dlq
 
 log = get_logger(__name__)

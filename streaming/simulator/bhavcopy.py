@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nadi.calendar import IST
 from nadi.instruments import Instrument, round_to_tick
-from nadi.tick import NS
+from nadi.times import IST, NS
 from streaming.simulator.generator import DayGenerator
 
 COLUMNS = (

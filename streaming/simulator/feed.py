@@ -23,7 +23,8 @@ from typing import NamedTuple
 import msgspec
 
 from nadi.codec import Reason, encode
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import NS
 
 
 class BadKind(StrEnum):
