@@ -26,7 +26,7 @@ from bench.common import (
 from nadi.codec import encode
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
-from nadi.tick import Tick
+from nadi.tick import TICK_COLUMNS, Tick
 from nadi.times import EPOCH, NS
 
 TOKENS = [738561 + 256 * i for i in range(80)]  # 80 instruments, Kite-style NSE tokens
@@ -115,29 +115,14 @@ async def raw_write(s: Settings, ticks: list[Tick], batch: int) -> float:
         from datetime import UTC, datetime, timedelta
 
         epoch = EPOCH
-        cols = (
-            "instrument_token",
-            "exchange_ts",
-            "sequence_id",
-            "last_price",
-            "last_qty",
-            "volume",
-            "oi",
-            "bid",
-            "ask",
-            "bid_qty",
-            "ask_qty",
-            "status",
-            "feed",
-            "ingest_ts",
-        )
+        cols = (*TICK_COLUMNS, "ingest_ts")
         now = datetime.now(UTC)
         t0 = time.perf_counter()
         for i in range(0, len(ticks), batch):
             records = [
                 (
                     t.instrument_token,
-                    epoch + timedelta(microseconds=t.exchange_ts_ns // 1000),
+                    epoch + timedelta(microseconds=t.exchange_ts // 1000),
                     t.sequence_id,
                     t.last_price,
                     t.last_qty,

@@ -16,7 +16,7 @@ from enum import StrEnum
 
 import msgspec
 
-from nadi.tick import Tick, WireTick
+from nadi.tick import Tick, TickFields, WireTick, as_tick
 from nadi.times import NS, to_epoch_ns
 
 
@@ -45,6 +45,7 @@ class Rejected(Exception):
 
 
 _decoder = msgspec.json.Decoder(WireTick, strict=True)
+_encode = msgspec.json.Encoder().encode
 _NON_FINITE_LITERAL = re.compile(rb":\s*-?(?:NaN|Infinity)\b")
 _FLOAT_FIELDS = ("last_price", "bid", "ask")
 
@@ -155,6 +156,8 @@ def _classify(msg: str) -> Reason:
     return Reason.WRONG_TYPE
 
 
-def encode(tick: Tick, feed: str | None = None) -> bytes:
-    """The wire JSON of a tick (epoch-ns timestamp)."""
-    return msgspec.json.encode(tick.to_wire(feed))
+def encode(tick: TickFields, feed: str | None = None) -> bytes:
+    """The wire JSON of a tick (epoch-ns timestamp): a Tick's JSON is the wire JSON, so a
+    LiveTick or WireTick is first made a Tick (dropping ``status``)."""
+    t = as_tick(tick)
+    return _encode(t if feed is None else msgspec.structs.replace(t, feed=feed))

@@ -10,7 +10,7 @@ whatever the range, and each page is an index range scan that starts where the l
 The readers are merged with a heap keyed on ``(exchange_ts, instrument_token, sequence_id)``;
 this triple is the total replay order and also the resume position (``after``).
 
-Units: ``exchange_ts`` of a :class:`~nadi.ring.LiveTick` is UTC epoch nanoseconds (PostgreSQL
+Units: ``exchange_ts`` of a :class:`~nadi.tick.LiveTick` is UTC epoch nanoseconds (PostgreSQL
 keeps microseconds, so it is always a multiple of 1000). ``speed`` is a time multiplier:
 0 = as fast as possible, 1 = real time, N = N times faster.
 """
@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from nadi.ring import LiveTick
+from nadi.tick import LiveTick
 from nadi.times import to_datetime_us, to_epoch_us
 
 _SEQ_MAX = 2**63 - 1  # larger than any sequence_id: "after every tick of this microsecond"
@@ -36,14 +36,14 @@ BATCH_TICKS = 2000  # ticks per yielded batch at speed 0 (amortises the async-ge
 MEMORY_BUDGET_CHUNKS = 8
 MIN_PAGE_ROWS = 100
 
-# Columns in LiveTick field order, so a record unpacks straight into the struct (LiveTick(*r)).
+# Columns in LiveTick field order (status, keyword-only, last): LiveTick(*r[:13], status=r[13]).
 # exchange_ts leaves the server as epoch microseconds * 1000: a bigint decodes far faster
 # in asyncpg than a timestamptz turned into a datetime and back into an int in Python.
 # $5 is the instrument's exchange (from the master; the ticks table does not store it).
 _PAGE_SQL = """
 SELECT instrument_token, sequence_id,
        (extract(epoch FROM exchange_ts) * 1000000)::bigint * 1000,
-       last_price, status, $5::text, last_qty, volume, oi, bid, ask, bid_qty, ask_qty, feed
+       last_price, $5::text, last_qty, volume, oi, bid, ask, bid_qty, ask_qty, feed, status
 FROM ticks
 WHERE instrument_token = $1
   AND (exchange_ts, sequence_id) > ($2, $3)
@@ -85,7 +85,7 @@ class _Reader:
                 self.exchange,
                 limit,
             )
-        self.ticks = [LiveTick(*r) for r in rows]
+        self.ticks = [LiveTick(*r[:13], status=r[13]) for r in rows]
         self.ts = [t.exchange_ts for t in self.ticks]
         self.i = 0
         if len(rows) < limit:

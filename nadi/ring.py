@@ -37,7 +37,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from nadi.redis_keys import BITMAP_MAX_SEQ, RedisKeys
-from nadi.tick import Tick
+from nadi.tick import LiveTick, Tick
 
 # How the script decides whether a tick may go into the ring (``modes``).
 IN_ORDER = 1  # OK/STALE past the last sequence: anchors the ring (sets its floor if none)
@@ -169,25 +169,6 @@ class RingCheck:
     token: int
     day: int
     outcome: int
-
-
-class LiveTick(msgspec.Struct, omit_defaults=True):
-    """What the ring and the live stream carry for one tick (wire fields plus status)."""
-
-    instrument_token: int
-    sequence_id: int
-    exchange_ts: int  # UTC epoch nanoseconds
-    last_price: float
-    status: str
-    exchange: str | None = None
-    last_qty: int | None = None
-    volume: int | None = None
-    oi: int | None = None
-    bid: float | None = None
-    ask: float | None = None
-    bid_qty: int | None = None
-    ask_qty: int | None = None
-    feed: str | None = None
 
 
 class LiveEntry(msgspec.Struct):

@@ -1,6 +1,6 @@
 """``nadi replay``: stored ticks of a range to stdout (NDJSON) or to a Kafka topic.
 
-Stdout lines are :class:`nadi.ring.LiveTick` JSON (``exchange_ts`` in UTC epoch ns, with
+Stdout lines are :class:`nadi.tick.LiveTick` JSON (``exchange_ts`` in UTC epoch ns, with
 ``status``). Kafka messages are the tick wire format v1 (DESIGN.md section 4, byte-identical to
 ``nadi.codec.encode``) keyed by the instrument token's ASCII digits, so a replay topic can be
 consumed by anything that reads ``ticks.raw``.
@@ -18,34 +18,12 @@ import msgspec
 import typer
 from confluent_kafka import KafkaError, Message, Producer
 
+from nadi.codec import encode
 from nadi.db.pool import create_pool
 from nadi.replay import ReplayEngine
-from nadi.ring import LiveTick
 from nadi.settings import get_settings
-from nadi.tick import WireTick
 
 _encode = msgspec.json.Encoder().encode
-
-
-def wire_bytes(t: LiveTick) -> bytes:
-    """The wire JSON of a replayed tick (what ``nadi.codec.encode`` gives for the same tick)."""
-    return _encode(
-        WireTick(
-            instrument_token=t.instrument_token,
-            sequence_id=t.sequence_id,
-            exchange_ts=t.exchange_ts,
-            last_price=t.last_price,
-            exchange=t.exchange,  # type: ignore[arg-type]
-            last_qty=t.last_qty,
-            volume=t.volume,
-            oi=t.oi,
-            bid=t.bid,
-            ask=t.ask,
-            bid_qty=t.bid_qty,
-            ask_qty=t.ask_qty,
-            feed=t.feed,
-        )
-    )
 
 
 async def replay_to_kafka(
@@ -86,7 +64,7 @@ async def replay_to_kafka(
 
     async for batch in engine.batches(tokens, start, end, speed=speed):
         for t in batch:
-            value = wire_bytes(t)
+            value = encode(t)
             key = str(t.instrument_token).encode()
             while True:
                 try:

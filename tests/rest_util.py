@@ -20,6 +20,7 @@ import httpx
 
 from api.app import create_app
 from nadi.settings import Settings
+from nadi.tick import TICK_COLUMNS
 from nadi.times import to_epoch_ns
 
 
@@ -59,21 +60,7 @@ async def seed(conn: asyncpg.Connection, rows: Iterable[Row], *, mark_dirty: boo
             )
             for r in rows
         ],
-        columns=[
-            "instrument_token",
-            "exchange_ts",
-            "sequence_id",
-            "last_price",
-            "last_qty",
-            "volume",
-            "oi",
-            "bid",
-            "ask",
-            "bid_qty",
-            "ask_qty",
-            "status",
-            "feed",
-        ],
+        columns=list(TICK_COLUMNS),
     )
     if mark_dirty:
         await conn.execute(

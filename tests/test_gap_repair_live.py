@@ -64,7 +64,7 @@ async def test_todays_repaired_ticks_go_live_and_older_ones_do_not(
     await init_connection(pg)
     for day in (today, yesterday):
         held = [src._tick(day, s) for s in (1, 2, 5, 6)]  # 3..4 never arrived
-        d = trading_day_ordinal(held[0].exchange_ts_ns)
+        d = trading_day_ordinal(held[0].exchange_ts)
         await write_batch(pg, held, [d] * 4, ["OK", "OK", "STALE", "OK"], [Gap(TOKEN, d, 3, 4)],
                           mark_dirty=True)  # fmt: skip
     keys = await RedisKeys.load(pg)

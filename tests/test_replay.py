@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 from nadi.codec import encode
 from nadi.db.pool import create_pool
 from nadi.replay import ReplayEngine
-from nadi.ring import LiveTick
 from nadi.settings import Settings
-from nadi.tick import Tick
+from nadi.tick import LiveTick, Tick
 from streaming.replay_cli import replay, replay_to_kafka
 from tests.kafka_util import create_topic, read_all
 from tests.rest_util import Row, random_rows, seed

@@ -1,7 +1,7 @@
 """``GET /v1/replay``: stored ticks of one or more instruments as an NDJSON stream, merged in
 exchange-time order, at a chosen speed (nadi.replay.ReplayEngine).
 
-Each line is one tick in the live/ring form (:class:`nadi.ring.LiveTick`): the wire fields with
+Each line is one tick in the live/ring form (:class:`nadi.tick.LiveTick`): the wire fields with
 ``exchange_ts`` in UTC epoch nanoseconds, plus ``status`` — the same objects the WebSocket and
 ``nadi replay`` emit, so a client can feed a replay through the code that handles live ticks.
 """

@@ -20,6 +20,7 @@ from api.rest.params import (
     iso,
     time_range,
 )
+from nadi.tick import TICK_MEASURES
 
 router = APIRouter(tags=["ticks"])
 
@@ -35,7 +36,7 @@ WHERE instrument_token = $1
 ORDER BY exchange_ts, sequence_id
 LIMIT $6
 """
-_FIELDS = ("last_price", "last_qty", "volume", "oi", "bid", "ask", "bid_qty", "ask_qty")
+_FIELDS = TICK_MEASURES
 
 
 @router.get(

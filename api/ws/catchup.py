@@ -75,7 +75,7 @@ from api.ws.connection import Subscription
 from api.ws.hub import Entries, parse_offset
 from nadi.redis_keys import RedisKeys
 from nadi.replay import BATCH_TICKS, ReplayEngine
-from nadi.ring import LiveTick
+from nadi.tick import LiveTick
 from nadi.times import to_datetime_us, to_epoch_us
 
 PAGE = 500  # ring entries per XRANGE (and per catch-up page sent)

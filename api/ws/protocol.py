@@ -30,7 +30,7 @@ from typing import Annotated
 
 import msgspec
 
-from nadi.ring import LiveTick
+from nadi.tick import LiveTick
 
 # Instrument tokens are stored as bigint: anything outside 1..2**63-1 is no instrument.
 Token = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]

@@ -13,7 +13,7 @@ from datetime import date
 import asyncpg
 
 from nadi.sequence import Gap
-from nadi.tick import Tick
+from nadi.tick import TICK_MEASURES, Tick
 from nadi.times import date_ordinal, ordinal_date
 
 Key = tuple[int, int]  # (instrument_token, trading day ordinal since 1970-01-01)
@@ -25,21 +25,8 @@ class StateMoved(Exception):
 
 
 TICK_STAGE_COLUMNS = (
-    "instrument_token",
-    "ts_us",
-    "sequence_id",
-    "last_price",
-    "last_qty",
-    "volume",
-    "oi",
-    "bid",
-    "ask",
-    "bid_qty",
-    "ask_qty",
-    "status",
-    "feed",
-    "trading_day",
-)
+    "instrument_token", "ts_us", "sequence_id", *TICK_MEASURES, "status", "feed", "trading_day",
+)  # fmt: skip
 GAP_STAGE_COLUMNS = ("instrument_token", "trading_day", "from_seq", "to_seq")
 
 CREATE_STAGES = """
@@ -146,7 +133,7 @@ async def write_batch(
         records.append(
             (
                 t.instrument_token,
-                t.exchange_ts_ns // 1000,
+                t.exchange_ts // 1000,
                 t.sequence_id,
                 t.last_price,
                 t.last_qty,
@@ -190,7 +177,7 @@ async def write_batch(
                 [ticks[i].instrument_token for i in late_idx],
                 [days[day_ordinals[i]] for i in late_idx],
                 [ticks[i].sequence_id for i in late_idx],
-                [ticks[i].exchange_ts_ns // 1000 for i in late_idx],
+                [ticks[i].exchange_ts // 1000 for i in late_idx],
             )
             late = tuple(LateOutcome(bool(r[0]), r[1] or "OK") for r in rows)
     assert row is not None

@@ -142,7 +142,7 @@ async def _repair_one(
         good = [
             t for t in got
             if t.instrument_token == token and t.sequence_id in want
-            and lo_ns <= t.exchange_ts_ns < hi_ns
+            and lo_ns <= t.exchange_ts < hi_ns
         ]  # fmt: skip
         out.fetched = len(good)
         if good:

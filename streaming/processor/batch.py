@@ -378,7 +378,7 @@ class BatchProcessor:
         cur, prev = recent.current, recent.previous
         dups = 0
         for t in ticks:
-            day = (t.exchange_ts_ns // NS + IST_OFFSET_S) // 86_400  # trading_day_ordinal, inlined
+            day = (t.exchange_ts // NS + IST_OFFSET_S) // 86_400  # trading_day_ordinal, inlined
             k = (((t.instrument_token << 20) | day) << 64) | t.sequence_id
             seen = cur.get(k) or prev.get(k)
             if seen is not None:

@@ -378,7 +378,7 @@ class DayGenerator:
             order = np.lexsort((np.concatenate(toks), np.concatenate(keys))).tolist()
             for i in order:
                 t = pieces[i]
-                if (until_ns is not None and t.exchange_ts_ns >= until_ns) or (
+                if (until_ns is not None and t.exchange_ts >= until_ns) or (
                     max_ticks is not None and n >= max_ticks
                 ):
                     return

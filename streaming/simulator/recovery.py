@@ -140,7 +140,7 @@ def create_recovery_app(
         ticks = gen.ticks(token, lo, hi)
         if gen.mode == "live":  # what has not been sent yet cannot be retransmitted
             now = time.time_ns()
-            ticks = [t for t in ticks if t.exchange_ts_ns <= now]
+            ticks = [t for t in ticks if t.exchange_ts <= now]
         body = b"".join(encode(t) + b"\n" for t in ticks)
         return Response(body, media_type="application/x-ndjson")
 
