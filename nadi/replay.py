@@ -25,7 +25,9 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from confluent_kafka import KafkaError, Message, Producer
 
+from nadi.codec import encode
 from nadi.tick import LiveTick
 from nadi.times import to_datetime_us, to_epoch_us
 
@@ -176,20 +178,6 @@ class ReplayEngine:
                 due = wall0 + (batch[i].exchange_ts - ts0) / (speed * 1e9)
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    async def stream(
-        self,
-        tokens: Sequence[int],
-        start: datetime,
-        end: datetime,
-        *,
-        speed: float = 0.0,
-        after: tuple[int, int, int] | None = None,
-    ) -> AsyncIterator[LiveTick]:
-        """Tick by tick; see :meth:`batches`."""
-        async for batch in self.batches(tokens, start, end, speed=speed, after=after):
-            for t in batch:
-                yield t
-
     async def catch_up(
         self, token: int, after_ns: int, after_seq: int, end: datetime | None = None
     ) -> AsyncIterator[list[LiveTick]]:
@@ -256,3 +244,61 @@ class ReplayEngine:
                 out = []
         if out:
             yield out
+
+
+async def replay_to_kafka(
+    engine: ReplayEngine,
+    tokens: Sequence[int],
+    start: datetime,
+    end: datetime,
+    topic: str,
+    bootstrap: str,
+    speed: float = 0.0,
+) -> int:
+    """Produce the replay to ``topic``; returns the number of messages delivered.
+
+    Raises RuntimeError if any message failed delivery (after librdkafka's own retries), so a
+    Dagster run fails instead of reporting a partial replay as done. Idempotent producer: a
+    broker retry never duplicates a message; a re-run of the whole replay does.
+    """
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 20,
+            "batch.num.messages": 10_000,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 500_000,
+        }
+    )
+    failed: list[str] = []
+    delivered = 0
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        nonlocal delivered
+        if err is not None:
+            failed.append(str(err))
+        else:
+            delivered += 1
+
+    async for batch in engine.batches(tokens, start, end, speed=speed):
+        for t in batch:
+            value = encode(t)
+            key = str(t.instrument_token).encode()
+            while True:
+                try:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    # Local queue full: let librdkafka drain without blocking the event loop.
+                    producer.poll(0)
+                    await asyncio.sleep(0.005)
+        producer.poll(0)
+    remaining = await asyncio.to_thread(producer.flush, 60.0)
+    if failed or remaining:
+        raise RuntimeError(
+            f"replay to {topic}: {len(failed)} failed, {remaining} undelivered "
+            f"(first error: {failed[0] if failed else 'flush timeout'})"
+        )
+    return delivered

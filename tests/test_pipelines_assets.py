@@ -518,7 +518,6 @@ def test_eod_reconciliation_fails_naming_the_instrument_of_a_deleted_tick(market
 
 
 def test_replay_job_sends_exactly_the_stored_ticks_of_its_range(market: Market) -> None:
-    pytest.importorskip("streaming.replay_cli", reason="the serving issue's replay_to_kafka")
     m = market
     day = m.days[1]
     tokens = sorted(m.generators[day].instruments)[:3]

@@ -10,10 +10,11 @@ import pytest
 
 from nadi.codec import encode
 from nadi.instruments import bundled_instruments
+from nadi.recovery import fetch_retransmission
 from nadi.times import NS
 from streaming.simulator.feed import FeedSimulator
 from streaming.simulator.generator import DayGenerator
-from streaming.simulator.recovery import create_recovery_app, fetch_retransmission
+from streaming.simulator.recovery import create_recovery_app
 
 DAY = date(2026, 11, 20)
 INSTS = bundled_instruments(DAY)[:4] + [
