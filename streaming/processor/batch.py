@@ -30,7 +30,6 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from nadi import metrics
 from nadi.codec import Rejected, TickCodec
 from nadi.db.tick_writer import Key, WriteResult, load_state, write_batch
 from nadi.logs import get_logger
@@ -39,7 +38,7 @@ from nadi.sequence import LATE, Gap, classify
 from nadi.settings import Settings
 from nadi.tick import Tick
 from nadi.times import IST_OFFSET_S, NS
-from streaming.processor import dlq
+from streaming.processor import dlq, metrics
 
 log = get_logger(__name__)
 _DUP_MEMORY = metrics.DUPLICATES.labels(stage="memory")

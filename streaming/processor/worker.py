@@ -35,7 +35,6 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import start_http_server
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
-from nadi import metrics
 from nadi.codec import Rejected
 from nadi.db.pool import create_pool
 from nadi.db.tick_writer import StateMoved, WriteResult, init_connection
@@ -43,6 +42,7 @@ from nadi.logs import get_logger
 from nadi.redis_keys import DATABASES, LEGACY_LIVE, RedisKeys
 from nadi.ring import RingWriter
 from nadi.settings import Settings
+from streaming.processor import metrics
 from streaming.processor.batch import BatchProcessor, DbPart, Prepared, Record, RingPart, Stale
 from streaming.processor.crash import CrashPoints
 from streaming.processor.sinks import Abandoned, Flow, Sink
