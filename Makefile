@@ -48,7 +48,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy nadi streaming api pipelines infra bench tests
+	$(BIN)/mypy command nadi streaming api pipelines infra bench tests
 
 clean-services: install
 	$(BIN)/nadi services down

@@ -191,6 +191,17 @@ class Settings(BaseSettings):
     pg_tsl_port: int = Field(5433, ge=1, le=65535)
     timescale_src: Path = _REPO_ROOT.parent / "shared" / "vendor" / "timescaledb-2.19.3.tar.gz"
 
+    # The demo platform of `nadi up`: a live simulated feed with a few gaps, reorders and bad
+    # packets, so the repair paths have work to show, and this many processor workers (their
+    # Prometheus ports are metrics_port, metrics_port + 1, ...).
+    demo_rate: float = Field(1000.0, gt=0, description="ticks/s of the demo feed")
+    demo_gap_rate: float = Field(
+        0.0001, ge=0, le=1, description="a gap every ~10 s: each is one repair run to watch"
+    )
+    demo_reorder_rate: float = Field(0.001, ge=0, le=1)
+    demo_bad_rate: float = Field(0.0002, ge=0, le=1)
+    demo_workers: int = Field(2, ge=1, le=64)
+
     @field_validator("pg_dsn", "pg_ingest_dsn", "pg_api_dsn", "pg_maint_dsn")
     @classmethod
     def _pg_dsn_is_postgres(cls, v: str) -> str:

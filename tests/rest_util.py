@@ -128,7 +128,7 @@ async def api_process(
         env["NADI_API_KEYS"] = settings.api_keys
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nadi", "api", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, "-m", "command", "api", "--host", "127.0.0.1", "--port", str(port),
             env=env, stdout=log, stderr=log,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"

@@ -58,7 +58,7 @@ async def test_nadi_migrate_twice_on_each_edition(empty_db: Settings) -> None:
     # The second run, through the CLI as a user runs it, applies nothing.
     env = {**os.environ, "NADI_PG_DSN": s.pg_dsn, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "nadi", "migrate"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "command", "migrate"], env=env, capture_output=True, text=True,
         timeout=120, check=True,
     )  # fmt: skip
     assert json.loads(out.stderr.strip().splitlines()[-1]) == {"applied": []}

@@ -15,12 +15,12 @@ import pytest
 from typer import Typer
 from typer.testing import CliRunner
 
+from command.replay import replay
 from nadi.codec import encode
 from nadi.db.pool import create_pool
 from nadi.replay import ReplayEngine, replay_to_kafka
 from nadi.settings import Settings
 from nadi.tick import LiveTick, Tick
-from streaming.replay_cli import replay
 from tests.kafka_util import create_topic, read_all
 from tests.rest_util import Row, random_rows, seed
 

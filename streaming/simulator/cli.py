@@ -1,6 +1,6 @@
 """``nadi simulate`` and ``nadi instruments load``: typer-compatible command functions.
 
-Registered in ``nadi/cli.py`` as ``app.command("simulate")(simulate)``. Prints one JSON summary
+Mounted by ``command/main.py`` as ``app.command("simulate")(simulate)``. Prints one JSON summary
 line on stdout at the end (also after Ctrl-C or SIGTERM); progress and warnings go to stderr.
 """
 
