@@ -14,15 +14,7 @@ import asyncpg
 import psutil
 from confluent_kafka import Producer
 
-from bench.common import (
-    PeakRss,
-    bench_settings,
-    create_topics,
-    delete_topics,
-    fresh_database,
-    spawn,
-    worker_env,
-)
+from bench import common
 from nadi.codec import encode
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
@@ -165,9 +157,9 @@ def _service_cpu() -> dict[str, float]:
 
 
 async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, object]:
-    s = bench_settings(base, "ingest").model_copy(update={"batch_max_records": batch})
-    await fresh_database(s)
-    await create_topics(s, (s.topic_ticks, 12), (s.topic_dlq, 1))
+    s = common.bench_settings(base, "ingest").model_copy(update={"batch_max_records": batch})
+    await common.fresh_database(s)
+    await common.create_topics(s, (s.topic_ticks, 12), (s.topic_dlq, 1))
     try:
         n_unique = round(n / (1 + dup_rate))
         ticks = make_ticks(n_unique)
@@ -182,8 +174,8 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
         log = s.home / "bench" / "ingest-worker.log"
         cpu_before = _service_cpu()
         t0 = time.perf_counter()
-        worker = spawn(["process"], worker_env(s), Path(log))
-        rss = PeakRss(worker.pid)
+        worker = common.spawn(["process"], common.worker_env(s), Path(log))
+        rss = common.PeakRss(worker.pid)
         rss.start()
         while not _caught_up(
             ends,
@@ -227,4 +219,4 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
             },
         }
     finally:
-        await delete_topics(s, s.topic_ticks, s.topic_dlq)
+        await common.delete_topics(s, s.topic_ticks, s.topic_dlq)
