@@ -43,12 +43,12 @@ from typing import Annotated
 
 import asyncpg
 import msgspec
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from api.auth import Scope, scoped
 from api.rest.deps import Pool
-from api.rest.models import CandleSeries, ErrorOut, Interval
-from api.rest.params import TimeRange, TokenQuery, ensure_known, time_range
+from api.rest.models import CandleSeries, Interval
+from api.rest.params import ERRORS, TokenQuery, Window, ensure_known
 from nadi.times import IST_OFFSET_S, ordinal_date, to_datetime_us, to_epoch_us
 
 router = APIRouter(tags=["candles"])
@@ -196,14 +196,14 @@ def raw_ranges(
 @router.get(
     "/candles",
     response_model=CandleSeries,
-    responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses=ERRORS,
     summary="OHLCV candles (1m, 5m, 15m, 1h, 1d), refreshed or not",
     **scoped(Scope.READ),
 )
 async def get_candles(
     pool: Pool,
     instrument_token: TokenQuery,
-    rng: Annotated[TimeRange, Depends(time_range)],
+    rng: Window,
     interval: Annotated[Interval, Query(description="candle length", examples=["1m"])] = "1m",
 ) -> Response:
     lo, hi = grid_range(interval, rng.start, rng.end)

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from api.auth import Scope, scoped
 from api.rest.deps import Pool
 from api.rest.models import ErrorOut
-from api.rest.params import TimeRange, Token, ensure_known, time_range
+from api.rest.params import Token, Window, ensure_known
 from nadi.replay import ReplayEngine
 from nadi.settings import Settings
 
@@ -62,7 +62,7 @@ async def replay(
             examples=[[738561]],
         ),
     ],
-    rng: Annotated[TimeRange, Depends(time_range)],
+    rng: Window,
     speed: Annotated[
         float,
         Query(
