@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from datetime import time as dtime
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -267,13 +268,20 @@ def gap_repair_metadata(outcomes: list[GapOutcome], elapsed_ms: float) -> dict[s
     }
 
 
-@asset(
+# The decorator of a quality asset of one trading day: partitioned by day, backfilled ten days
+# a run. Each gives its ``nadi/kind`` op tag (the queued coordinator's limits key on it).
+daily_asset = partial(
+    asset,
     group_name=GROUP,
-    deps=[ticks],
     partitions_def=trading_days,
-    kinds={"timescaledb", "http"},
-    op_tags={"nadi/kind": "gap_repair"},
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
+)
+
+
+@daily_asset(
+    op_tags={"nadi/kind": "gap_repair"},
+    deps=[ticks],
+    kinds={"timescaledb", "http"},
     check_specs=[
         AssetCheckSpec(
             GAPS_CHECK,
@@ -596,13 +604,10 @@ async def reconcile_day(
     return rows, timings
 
 
-@asset(
-    group_name=GROUP,
-    deps=[ticks, "gap_repair"],
-    partitions_def=trading_days,
-    kinds={"polars", "timescaledb"},
+@daily_asset(
     op_tags={"nadi/kind": "eod"},
-    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
+    deps=[ticks, "gap_repair"],
+    kinds={"polars", "timescaledb"},
     check_specs=[
         AssetCheckSpec(
             EOD_CHECK,
