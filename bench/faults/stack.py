@@ -158,15 +158,19 @@ class FaultStack:
     def _admin_dsn(self, db: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.ports.pg}/{db}"
 
+    async def _recreate(self, name: str) -> None:
+        """Drop (forcing out any session) and create the database ``name``, empty."""
+        conn = await asyncpg.connect(self._admin_dsn())
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
     async def _template(self) -> None:
         """A migrated template database, made once per start: each row's database is a copy
         of it (a file copy, not a migration run)."""
-        conn = await asyncpg.connect(self._admin_dsn())
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-        finally:
-            await conn.close()
+        await self._recreate(TEMPLATE)
         tpl = self.settings.model_copy(update={"pg_dsn": self._admin_dsn(TEMPLATE)})
         await run_migrations(tpl)
         conn = await asyncpg.connect(self._admin_dsn())
@@ -278,12 +282,7 @@ class FaultStack:
 
     async def pg_restore(self, dump: Path) -> None:
         """Replace the row database by the dump (TimescaleDB's pre/post restore protocol)."""
-        conn = await asyncpg.connect(self._admin_dsn())
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{DB}"')
-        finally:
-            await conn.close()
+        await self._recreate(DB)
         conn = await asyncpg.connect(self._admin_dsn(DB))
         try:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
