@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 import pytest
 
-from nadi.settings import Settings
+from nadi.settings import Settings, on_port
 from tests.editions import fresh_database
 from tests.rest_util import free_port
 
@@ -87,11 +87,16 @@ def db(settings: Settings) -> Iterator[Settings]:
 
 
 async def _drop(s: Settings) -> None:
-    admin = await asyncpg.connect(s.pg_dsn.rsplit("/", 1)[0] + "/postgres", timeout=5)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{s.pg_database}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    # `nadi services up` ensures the DSN's database on the Timescale-edition cluster too.
+    for dsn in (s.pg_dsn, on_port(s.pg_dsn, s.pg_tsl_port)):
+        try:
+            admin = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres", timeout=5)
+        except OSError:
+            continue  # no Timescale-edition cluster here
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{s.pg_database}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 def _env(s: Settings) -> dict[str, str]:
