@@ -68,6 +68,18 @@ class Ports:
     api: int = 18080  # `nadi api` of the API row
 
 
+def _sigkill(what: str, pidfile: Path) -> None:
+    """SIGKILL the service of ``pidfile`` and wait (30 s at most) until it is gone."""
+    pid = read_pid(pidfile)
+    assert pid is not None, f"the fault stack's {what} is not running"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while read_pid(pidfile) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} pid {pid} survived SIGKILL")
+        time.sleep(0.05)
+
+
 class FaultStack:
     """Owns the private services; rows start and stop them through it."""
 
@@ -240,14 +252,7 @@ class FaultStack:
 
     # -- faults on the services -------------------------------------------------------------
     def kill_kafka(self) -> None:
-        pid = read_pid(self.kafka.pidfile)
-        assert pid is not None, "the fault stack's Kafka is not running"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while read_pid(self.kafka.pidfile) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Kafka pid {pid} survived SIGKILL")
-            time.sleep(0.05)
+        _sigkill("Kafka", self.kafka.pidfile)
 
     def start_kafka(self) -> None:
         self.kafka.start()
@@ -259,13 +264,7 @@ class FaultStack:
 
     def kill_redis(self) -> None:
         """SIGKILL: no final snapshot (what the disk holds is what comes back)."""
-        pid = self.redis_pid()
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while read_pid(self.redis.pidfile) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis pid {pid} survived SIGKILL")
-            time.sleep(0.05)
+        _sigkill("Redis", self.redis.pidfile)
         self.redis.pidfile.unlink(missing_ok=True)
 
     @property
