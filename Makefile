@@ -6,7 +6,7 @@ PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: up test install services services-editions migrate lint typecheck clean-services web browser-deps
+.PHONY: up test check install services services-editions migrate lint typecheck clean-services web browser-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ migrate: services
 up: install
 	$(BIN)/nadi up
 
-## Start the services the tests need (both TimescaleDB editions), then run every test.
-test: services-editions browser-deps
+## Import contracts (pyproject [tool.importlinter]), lint, format and types, code and tests.
+check: lint typecheck
+	PYTHONPATH=. $(BIN)/lint-imports
+
+## The static checks, then the services the tests need (both TimescaleDB editions), then every test.
+test: check services-editions browser-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## Debian's chromium and playwright-core for the live page's browser test.
@@ -48,7 +52,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy nadi streaming api pipelines infra bench tests
+	$(BIN)/mypy command nadi streaming api pipelines infra bench tests
 
 clean-services: install
 	$(BIN)/nadi services down

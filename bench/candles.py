@@ -27,13 +27,13 @@ import typer
 from bench.common import bench_settings, emit, fresh_database
 from nadi.calendar import session_bounds, trading_days
 from nadi.settings import Settings, get_settings
+from nadi.tick import TICK_COLUMNS
 
 TOKEN = 738_561
 TICKS_PER_DAY = 45_000  # 6 h 15 min at 2 ticks/s
 
-_FILL_SQL = """
-INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price, last_qty, volume,
-                   oi, bid, ask, bid_qty, ask_qty, status, feed)
+_FILL_SQL = f"""
+INSERT INTO ticks ({", ".join(TICK_COLUMNS)})
 SELECT $1, d + s * interval '500 milliseconds', s, 1000 + ((s * 7919) % 400) * 0.05,
        1 + s % 97, s * 50, NULL, 999.95, 1000.05, 100, 120, 'OK', 'A'
 FROM unnest($2::timestamptz[]) AS d, generate_series(0, $3 - 1) AS s

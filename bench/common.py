@@ -111,7 +111,7 @@ def worker_env(s: Settings) -> dict[str, str]:
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = log.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "nadi", *argv], env=env, stdout=fh, stderr=fh)
+    return subprocess.Popen([sys.executable, "-m", "command", *argv], env=env, stdout=fh, stderr=fh)
 
 
 class PeakRss:

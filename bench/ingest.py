@@ -14,19 +14,12 @@ import asyncpg
 import psutil
 from confluent_kafka import Producer
 
-from bench.common import (
-    PeakRss,
-    bench_settings,
-    create_topics,
-    delete_topics,
-    fresh_database,
-    spawn,
-    worker_env,
-)
+from bench import common
 from nadi.codec import encode
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
-from nadi.tick import NS, Tick
+from nadi.tick import TICK_COLUMNS, Tick
+from nadi.times import EPOCH, NS
 
 TOKENS = [738561 + 256 * i for i in range(80)]  # 80 instruments, Kite-style NSE tokens
 
@@ -113,30 +106,15 @@ async def raw_write(s: Settings, ticks: list[Tick], batch: int) -> float:
         )
         from datetime import UTC, datetime, timedelta
 
-        epoch = datetime(1970, 1, 1, tzinfo=UTC)
-        cols = (
-            "instrument_token",
-            "exchange_ts",
-            "sequence_id",
-            "last_price",
-            "last_qty",
-            "volume",
-            "oi",
-            "bid",
-            "ask",
-            "bid_qty",
-            "ask_qty",
-            "status",
-            "feed",
-            "ingest_ts",
-        )
+        epoch = EPOCH
+        cols = (*TICK_COLUMNS, "ingest_ts")
         now = datetime.now(UTC)
         t0 = time.perf_counter()
         for i in range(0, len(ticks), batch):
             records = [
                 (
                     t.instrument_token,
-                    epoch + timedelta(microseconds=t.exchange_ts_ns // 1000),
+                    epoch + timedelta(microseconds=t.exchange_ts // 1000),
                     t.sequence_id,
                     t.last_price,
                     t.last_qty,
@@ -179,9 +157,9 @@ def _service_cpu() -> dict[str, float]:
 
 
 async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, object]:
-    s = bench_settings(base, "ingest").model_copy(update={"batch_max_records": batch})
-    await fresh_database(s)
-    await create_topics(s, (s.topic_ticks, 12), (s.topic_dlq, 1))
+    s = common.bench_settings(base, "ingest").model_copy(update={"batch_max_records": batch})
+    await common.fresh_database(s)
+    await common.create_topics(s, (s.topic_ticks, 12), (s.topic_dlq, 1))
     try:
         n_unique = round(n / (1 + dup_rate))
         ticks = make_ticks(n_unique)
@@ -196,8 +174,8 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
         log = s.home / "bench" / "ingest-worker.log"
         cpu_before = _service_cpu()
         t0 = time.perf_counter()
-        worker = spawn(["process"], worker_env(s), Path(log))
-        rss = PeakRss(worker.pid)
+        worker = common.spawn(["process"], common.worker_env(s), Path(log))
+        rss = common.PeakRss(worker.pid)
         rss.start()
         while not _caught_up(
             ends,
@@ -241,4 +219,4 @@ async def run(base: Settings, n: int, dup_rate: float, batch: int) -> dict[str, 
             },
         }
     finally:
-        await delete_topics(s, s.topic_ticks, s.topic_dlq)
+        await common.delete_topics(s, s.topic_ticks, s.topic_dlq)

@@ -14,33 +14,25 @@ import time
 import typer
 from websockets.asyncio.client import connect
 
+from bench import wsstack
 from bench.common import PeakRss, emit
-from bench.wsstack import (
-    TOKENS,
-    new_hist,
-    percentile_ms,
-    record_frame,
-    running_stack,
-    start_producer,
-    subscribe,
-)
 from nadi.settings import Settings, get_settings
 
 
 async def run(base: Settings, rate: int, duration_s: float, warmup_s: float) -> dict[str, object]:
-    async with running_stack(base, "latency") as stack:
-        hist = new_hist()
-        to_ring = new_hist()
+    async with wsstack.running_stack(base, "latency") as stack:
+        hist = wsstack.new_hist()
+        to_ring = wsstack.new_hist()
         received = 0
         async with connect(stack.ws_url, compression=None, proxy=None, max_size=None) as ws:
-            await subscribe(ws, TOKENS)
+            await wsstack.subscribe(ws, wsstack.TOKENS)
             rss = PeakRss(stack.api.pid)
             rss.start()
             start_at = time.time() + 1.0
-            producer = start_producer(stack.settings, rate, warmup_s + duration_s, start_at)
+            producer = wsstack.start_producer(stack.settings, rate, warmup_s + duration_s, start_at)
             count_from = start_at + warmup_s
             stop_at = start_at + warmup_s + duration_s + 2.0  # the tail still in flight
-            discard = new_hist()
+            discard = wsstack.new_hist()
             while time.time() < stop_at:
                 try:
                     data = await asyncio.wait_for(ws.recv(), max(0.01, stop_at - time.time()))
@@ -48,26 +40,26 @@ async def run(base: Settings, rate: int, duration_s: float, warmup_s: float) -> 
                     break
                 now = time.time_ns()
                 if now / 1e9 < count_from:
-                    record_frame(discard, data, now)
+                    wsstack.record_frame(discard, data, now)
                 else:
-                    received += record_frame(hist, data, now, to_ring)
+                    received += wsstack.record_frame(hist, data, now, to_ring)
             await rss.stop()
             await asyncio.to_thread(producer.join, 30)
 
         return {
             "rate": rate,
             "duration_s": duration_s,
-            "instruments": len(TOKENS),
+            "instruments": len(wsstack.TOKENS),
             "received": received,
             "received_per_s": round(received / duration_s),
-            "p50_ms": percentile_ms(hist, 0.50),
-            "p99_ms": percentile_ms(hist, 0.99),
-            "p999_ms": percentile_ms(hist, 0.999),
-            "max_ms": percentile_ms(hist, 1.0),
+            "p50_ms": wsstack.percentile_ms(hist, 0.50),
+            "p99_ms": wsstack.percentile_ms(hist, 0.99),
+            "p999_ms": wsstack.percentile_ms(hist, 0.999),
+            "max_ms": wsstack.percentile_ms(hist, 1.0),
             # Where the time goes: produce -> ring append (Kafka + processor batch), at the
             # ring id's 1 ms resolution; the rest is the hub and the socket.
-            "to_ring_p50_ms": percentile_ms(to_ring, 0.50),
-            "to_ring_p99_ms": percentile_ms(to_ring, 0.99),
+            "to_ring_p50_ms": wsstack.percentile_ms(to_ring, 0.50),
+            "to_ring_p99_ms": wsstack.percentile_ms(to_ring, 0.99),
             "api_peak_rss_mb": rss.peak_mb,
             "targets": {"p50_ms": 10, "p99_ms": 50},
         }

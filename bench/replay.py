@@ -23,14 +23,14 @@ import typer
 
 from bench.common import PeakRss, bench_settings, emit, fresh_database
 from nadi.settings import Settings, get_settings
+from nadi.tick import TICK_COLUMNS
 
 TOKENS = [100_000 + 256 * i for i in range(10)]
 T0 = datetime(2025, 1, 6, 3, 45, tzinfo=UTC)  # 09:15 IST on a Monday
 STEP_MS = 1  # one tick every millisecond across all instruments
 
-_FILL_SQL = """
-INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price, last_qty, volume,
-                   oi, bid, ask, bid_qty, ask_qty, status, feed)
+_FILL_SQL = f"""
+INSERT INTO ticks ({", ".join(TICK_COLUMNS)})
 SELECT 100000 + (i % 10) * 256, $1::timestamptz + i * interval '1 millisecond', i / 10,
        100 + (i % 1000) * 0.05, 1 + i % 500, i, NULL, 99.95 + (i % 1000) * 0.05,
        100.05 + (i % 1000) * 0.05, 100, 120, 'OK', 'A'

@@ -24,17 +24,8 @@ from typing import Any
 
 import typer
 
+from bench import wsstack
 from bench.common import PeakRss, emit
-from bench.wsstack import (
-    TOKENS,
-    merge,
-    new_hist,
-    percentile_ms,
-    record_frame,
-    running_stack,
-    start_producer,
-    subscribe,
-)
 from nadi.settings import Settings, get_settings
 
 
@@ -51,19 +42,19 @@ def _readers(
     histogram per phase -> ``out``."""
     from websockets.asyncio.client import connect
 
-    hists = [new_hist() for _ in phases]
+    hists = [wsstack.new_hist() for _ in phases]
     counts = [0 for _ in phases]
     errors: list[str] = []
     opened: list[float] = []
 
     async def one(k: int) -> None:
-        tok = TOKENS[(first + k) % len(TOKENS)]
+        tok = wsstack.TOKENS[(first + k) % len(wsstack.TOKENS)]
         try:
             async with connect(
                 url, compression=None, proxy=None, max_size=None, open_timeout=60
             ) as ws:
                 opened.append(time.time())
-                await subscribe(ws, [tok])
+                await wsstack.subscribe(ws, [tok])
                 while time.time() < end_at:
                     try:
                         data = await asyncio.wait_for(ws.recv(), max(0.01, end_at - time.time()))
@@ -73,7 +64,7 @@ def _readers(
                     t = now / 1e9
                     for i, (a, b) in enumerate(phases):
                         if a <= t < b:
-                            counts[i] += record_frame(hists[i], data, now)
+                            counts[i] += wsstack.record_frame(hists[i], data, now)
         except Exception as e:  # reported, not fatal: the run says how many failed
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -91,7 +82,7 @@ def _stallers(
     url: str, n: int, connect_at: float, subscribe_at: float, end_at: float, out: Any
 ) -> None:
     """Client process: ``n`` connections opened at ``connect_at`` (with the readers) that
-    subscribe at ``subscribe_at`` and then never read."""
+    wsstack.subscribe at ``subscribe_at`` and then never read."""
     from websockets.asyncio.client import connect
 
     opened: list[float] = []
@@ -106,7 +97,7 @@ def _stallers(
                            open_timeout=60, close_timeout=1).__aenter__()  # fmt: skip
         opened.append(time.time())
         await asyncio.sleep(max(0.0, subscribe_at - time.time()))
-        await subscribe(ws, [TOKENS[k % len(TOKENS)]])
+        await wsstack.subscribe(ws, [wsstack.TOKENS[k % len(wsstack.TOKENS)]])
         return ws
 
     async def main() -> None:
@@ -133,7 +124,7 @@ async def run(
     stall_timeout_s: float,
 ) -> dict[str, object]:
     readers = connections - stalled
-    async with running_stack(
+    async with wsstack.running_stack(
         base, "ws", ws_stall_timeout_s=stall_timeout_s, ws_max_connections_per_key=connections + 10
     ) as stack:
         ctx = mp.get_context("spawn")
@@ -168,7 +159,7 @@ async def run(
         )
         for p in procs:
             p.start()
-        producer = start_producer(stack.settings, rate, p2[1] - t0 + 0.5, t0)
+        producer = wsstack.start_producer(stack.settings, rate, p2[1] - t0 + 0.5, t0)
         rss = [PeakRss(stack.api.pid, 0.1) for _ in range(2)]
         for i, (a, b) in enumerate((p1, p2)):
             await asyncio.sleep(max(0.0, a - time.time()))
@@ -180,9 +171,9 @@ async def run(
             await asyncio.to_thread(p.join, 30)
     reads = [r for r in results if "hists" in r]
     (stall,) = [r for r in results if "stalled_connected" in r]
-    h1 = merge([r["hists"][0] for r in reads])
-    h2 = merge([r["hists"][1] for r in reads])
-    p99_1, p99_2 = percentile_ms(h1, 0.99), percentile_ms(h2, 0.99)
+    h1 = wsstack.merge([r["hists"][0] for r in reads])
+    h2 = wsstack.merge([r["hists"][1] for r in reads])
+    p99_1, p99_2 = wsstack.percentile_ms(h1, 0.99), wsstack.percentile_ms(h2, 0.99)
     spans = [r["opened"] for r in results if r.get("opened")]
     spread = round(max(b for _, b in spans) - min(a for a, _ in spans), 2) if spans else None
     stall.pop("opened", None)
@@ -194,7 +185,7 @@ async def run(
         "client_procs": client_procs,
         "connect_spread_s": spread,  # first to last connection opened (all start at once)
         "delivered_per_s": [round(sum(r["counts"][i] for r in reads) / phase_s) for i in (0, 1)],
-        "p50_ms": [percentile_ms(h1, 0.5), percentile_ms(h2, 0.5)],
+        "p50_ms": [wsstack.percentile_ms(h1, 0.5), wsstack.percentile_ms(h2, 0.5)],
         "p99_ms": [p99_1, p99_2],
         "p99_ratio": round(p99_2 / p99_1, 2) if p99_1 and p99_2 else None,
         "api_peak_rss_mb": [rss[0].peak_mb, rss[1].peak_mb],

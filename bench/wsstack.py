@@ -24,14 +24,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from bench.common import (
-    bench_settings,
-    create_topics,
-    delete_topics,
-    fresh_database,
-    spawn,
-    worker_env,
-)
+from bench import common
 from nadi.settings import Settings
 
 TOKENS = [738561 + 256 * i for i in range(50)]  # 50 instruments
@@ -174,20 +167,20 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def running_stack(base: Settings, name: str, **overrides: Any) -> AsyncIterator[Stack]:
     """Private database/topics, one processor and one API (``nadi api``) subprocess."""
-    s = bench_settings(base, name).model_copy(update=overrides)
-    await fresh_database(s)
-    await create_topics(s, (s.topic_ticks, 12), (s.topic_dlq, 1))
+    s = common.bench_settings(base, name).model_copy(update=overrides)
+    await common.fresh_database(s)
+    await common.create_topics(s, (s.topic_ticks, 12), (s.topic_dlq, 1))
     port = free_port()
     logs = s.home / "bench"
     env = {
-        **worker_env(s),
+        **common.worker_env(s),
         "NADI_RING_MAXLEN": str(s.ring_maxlen),
         "NADI_WS_QUEUE_SIZE": str(s.ws_queue_size),
         "NADI_WS_STALL_TIMEOUT_S": str(s.ws_stall_timeout_s),
     }
     env.pop("NADI_API_KEYS", None)
-    worker = spawn(["process"], env, Path(logs / f"{name}-worker.log"))
-    api = spawn(["api", "--port", str(port)], env, Path(logs / f"{name}-api.log"))
+    worker = common.spawn(["process"], env, Path(logs / f"{name}-worker.log"))
+    api = common.spawn(["api", "--port", str(port)], env, Path(logs / f"{name}-api.log"))
     try:
         async with httpx.AsyncClient() as http:
             for _ in range(300):
@@ -210,7 +203,7 @@ async def running_stack(base: Settings, name: str, **overrides: Any) -> AsyncIte
                 p.wait(30)
             except Exception:
                 p.kill()
-        await delete_topics(s, s.topic_ticks, s.topic_dlq)
+        await common.delete_topics(s, s.topic_ticks, s.topic_dlq)
 
 
 async def subscribe(ws: Any, tokens: list[int]) -> None:

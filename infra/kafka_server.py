@@ -11,13 +11,15 @@ import base64
 import shutil
 import subprocess
 import uuid
+from importlib import resources
 from pathlib import Path
 
 from infra.paths import Paths
 from infra.proc import ServiceError, apt_install, port_open, read_pid, run, say, stop_pid, wait_port
 from nadi.settings import Settings
 
-POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
+# Package data: found in a checkout and in an installed wheel alike.
+POM = resources.files("infra").joinpath("kafka", "pom.xml")
 # Tried in order when a version's dependencies are not all served.
 FALLBACK_VERSIONS = ("4.3.1", "4.2.2", "4.2.1", "4.1.2", "4.1.1", "3.9.1", "3.9.0")
 
@@ -87,12 +89,13 @@ class KafkaServer:
             out = self.libs_dir(version)
             shutil.rmtree(out, ignore_errors=True)
             say(f"resolving org.apache.kafka:kafka_2.13:{version} from Maven Central")
-            res = run(
-                ["mvn", "-q", "-B", "-f", POM, f"-Dkafka.version={version}",
-                 "dependency:copy-dependencies", f"-DoutputDirectory={out}", "-DincludeScope=runtime"],
-                log=self.paths.logs / "kafka-resolve.log",
-                check=False,
-            )  # fmt: skip
+            with resources.as_file(POM) as pom:
+                res = run(
+                    ["mvn", "-q", "-B", "-f", pom, f"-Dkafka.version={version}",
+                     "dependency:copy-dependencies", f"-DoutputDirectory={out}", "-DincludeScope=runtime"],
+                    log=self.paths.logs / "kafka-resolve.log",
+                    check=False,
+                )  # fmt: skip
             if res.returncode == 0 and list(out.glob("kafka_2.13-*.jar")):
                 (out / ".complete").write_text(version)
                 (self.paths.cache / "kafka" / "RESOLVED").write_text(version + "\n")

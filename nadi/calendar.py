@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
-from zoneinfo import ZoneInfo
 
-IST = ZoneInfo("Asia/Kolkata")
+from nadi.times import IST, NS
+
 SESSION_OPEN = time(9, 15)
 SESSION_CLOSE = time(15, 30)
 SESSION_SECONDS = 22_500  # 09:15 -> 15:30
-_NS = 1_000_000_000
 
 
 @lru_cache(maxsize=1)
@@ -81,17 +80,7 @@ def session_bounds(d: date) -> tuple[datetime, datetime]:
 def session_bounds_ns(d: date) -> tuple[int, int]:
     """:func:`session_bounds` as UTC epoch nanoseconds."""
     o, c = session_bounds(d)
-    return int(o.timestamp()) * _NS, int(c.timestamp()) * _NS
-
-
-def ist_date(epoch_ns: int) -> date:
-    """The Asia/Kolkata calendar date of a UTC epoch-nanosecond instant."""
-    return datetime.fromtimestamp(epoch_ns // _NS, IST).date()
-
-
-def ist_midnight_ns(d: date) -> int:
-    """00:00 IST of ``d`` as UTC epoch nanoseconds."""
-    return int(datetime.combine(d, time(0), IST).timestamp()) * _NS
+    return int(o.timestamp()) * NS, int(c.timestamp()) * NS
 
 
 def today_ist() -> date:

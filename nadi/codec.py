@@ -11,12 +11,16 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
+from typing import cast
 
 import msgspec
+import msgspec.inspect as mi
 
-from nadi.tick import NS, Tick, WireTick
+from nadi.tick import Tick, TickFields, WireTick, as_tick
+from nadi.times import NS, to_epoch_ns
 
 
 class Reason(StrEnum):
@@ -44,8 +48,7 @@ class Rejected(Exception):
 
 
 _decoder = msgspec.json.Decoder(WireTick, strict=True)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+_encode = msgspec.json.Encoder().encode
 _NON_FINITE_LITERAL = re.compile(rb":\s*-?(?:NaN|Infinity)\b")
 _FLOAT_FIELDS = ("last_price", "bid", "ask")
 
@@ -69,7 +72,7 @@ class TickCodec:
         try:
             w = _decoder.decode(value)
         except msgspec.ValidationError as e:
-            reason = Reason.BAD_ENCODING if not _is_utf8(value) else _classify(str(e))
+            reason = Reason.BAD_ENCODING if not _is_utf8(value) else _reason(value)
             raise Rejected(reason, str(e)) from None
         except msgspec.DecodeError as e:
             raise Rejected(_classify_malformed(value), str(e)) from None
@@ -121,7 +124,7 @@ def parse_exchange_ts(v: int | str) -> int:
         raise Rejected(Reason.BAD_TIMESTAMP, f"exchange_ts {v[:40]!r} is not ISO-8601") from None
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise Rejected(Reason.BAD_TIMESTAMP, f"exchange_ts {v[:40]!r} has no UTC offset")
-    ns = (dt - _EPOCH) // _MICROSECOND * 1000  # exact integer arithmetic, no float rounding
+    ns = to_epoch_ns(dt)
     if ns <= 0:
         raise Rejected(Reason.OUT_OF_RANGE, "exchange_ts is before 1970")
     return ns
@@ -144,18 +147,80 @@ def _classify_malformed(value: bytes) -> Reason:
     return Reason.BAD_JSON
 
 
-def _classify(msg: str) -> Reason:
-    if msg.startswith("Number out of range"):
-        return Reason.NON_FINITE  # 1e999 and friends overflow to infinity
-    if "missing required field" in msg:
-        return Reason.MISSING_FIELD
-    if msg.startswith("Expected `object`"):
+# Why a message that is valid JSON failed the typed decoder, found by checking the fields
+# against WireTick's own declaration (msgspec.inspect), not by reading msgspec's message text.
+_FIELDS = {
+    f.name: (f.type.types if isinstance(f.type, mi.UnionType) else (f.type,))
+    for f in mi.type_info(WireTick).fields  # type: ignore[attr-defined]
+}
+_REQUIRED = tuple(f.name for f in mi.type_info(WireTick).fields if f.required)  # type: ignore[attr-defined]
+# Floats as Decimal: a literal like 1e999 decodes here (it overflows a float, so msgspec rejects it).
+_loose = msgspec.json.Decoder(float_hook=Decimal).decode
+
+
+def _reason(value: bytes) -> Reason:
+    """The reason for a ValidationError. Known fields are checked in document order, as msgspec
+    does, and the first that fails decides; missing fields count only after that."""
+    try:
+        obj = _loose(value)
+    except msgspec.DecodeError:
+        return Reason.BAD_JSON  # the typed decoder stopped at a bad field before the bad syntax
+    if not isinstance(obj, dict):
         return Reason.NOT_OBJECT
-    if any(op in msg for op in (">= ", "> ", "<= ", "< ")):
-        return Reason.OUT_OF_RANGE
+    for name, v in obj.items():
+        types = _FIELDS.get(name)
+        if types is not None and (reason := _check(v, types)) is not None:
+            return reason
+    if any(name not in obj for name in _REQUIRED):
+        return Reason.MISSING_FIELD
+    return Reason.WRONG_TYPE  # not reached for a message msgspec rejected; the safe default
+
+
+def _check(v: object, types: tuple[mi.Type, ...]) -> Reason | None:
+    """None if ``v`` is a valid value of one of ``types``, else the reason it is not."""
+    if isinstance(v, Decimal) and not math.isfinite(float(v)):
+        return Reason.NON_FINITE  # 1e999 and friends, whatever the field
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    for t in types:
+        if isinstance(t, mi.NoneType) and v is None:
+            return None
+        if isinstance(t, mi.IntType) and is_int:
+            return _bounds(cast(int, v), t)
+        if isinstance(t, mi.FloatType) and (is_int or isinstance(v, Decimal)):
+            try:
+                return _bounds(float(cast(int | Decimal, v)), t)
+            except OverflowError:  # an integer literal beyond float range
+                return Reason.NON_FINITE
+        if isinstance(t, mi.StrType) and isinstance(v, str):
+            return None
+        if isinstance(t, mi.LiteralType) and isinstance(v, str) and v in t.values:
+            return None
+    if is_int and _beyond_float(cast(int, v)):
+        return Reason.NON_FINITE  # a field without an int type parses the number as a float
     return Reason.WRONG_TYPE
 
 
-def encode(tick: Tick, feed: str | None = None) -> bytes:
-    """The wire JSON of a tick (epoch-ns timestamp)."""
-    return msgspec.json.encode(tick.to_wire(feed))
+def _bounds(x: float, t: mi.IntType | mi.FloatType) -> Reason | None:
+    if (
+        (t.gt is not None and not x > t.gt)
+        or (t.ge is not None and not x >= t.ge)
+        or (t.lt is not None and not x < t.lt)
+        or (t.le is not None and not x <= t.le)
+    ):
+        return Reason.OUT_OF_RANGE
+    return None
+
+
+def _beyond_float(v: int) -> bool:
+    try:
+        float(v)
+    except OverflowError:
+        return True
+    return False
+
+
+def encode(tick: TickFields, feed: str | None = None) -> bytes:
+    """The wire JSON of a tick (epoch-ns timestamp): a Tick's JSON is the wire JSON, so a
+    LiveTick or WireTick is first made a Tick (dropping ``status``)."""
+    t = as_tick(tick)
+    return _encode(t if feed is None else msgspec.structs.replace(t, feed=feed))

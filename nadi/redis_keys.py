@@ -33,6 +33,14 @@ from dataclasses import dataclass
 import asyncpg
 
 DATABASES = "nadi:databases"
+LEGACY_LIVE = "nadi:live"  # the un-namespaced live stream of releases before migration 0010
+# Key name parts after the database prefix (the ring's Lua gets them via script_prefixes()).
+LIVE = "live"
+RING = "ring:"
+TOP = "rl:"
+FLOOR = "rfloor:"
+APPENDED = "ra:"
+BIG = ":big"  # suffix of an appended-bitmap key: the set of ids >= BITMAP_MAX_SEQ
 # Sequence ids at or above this go to a set instead of a bitmap, so a hostile or odd feed
 # cannot make Redis allocate a 512 MB bitmap. 2**24 bits = 2 MB per instrument-day.
 BITMAP_MAX_SEQ = 1 << 24
@@ -58,16 +66,22 @@ class RedisKeys:
 
     @property
     def live(self) -> str:
-        return f"{self.prefix}live"
+        return f"{self.prefix}{LIVE}"
 
     def ring(self, token: int) -> str:
-        return f"{self.prefix}ring:{token}"
+        return f"{self.prefix}{RING}{token}"
 
     def ring_top(self, day: int) -> str:
-        return f"{self.prefix}rl:{day}"
+        return f"{self.prefix}{TOP}{day}"
 
     def ring_floor(self, day: int) -> str:
-        return f"{self.prefix}rfloor:{day}"
+        return f"{self.prefix}{FLOOR}{day}"
 
     def ring_appended(self, day: int, token: int) -> str:
-        return f"{self.prefix}ra:{day}:{token}"
+        return f"{self.prefix}{APPENDED}{day}:{token}"
+
+    def script_prefixes(self) -> list[str]:
+        """The prefixes the ring's Lua builds its keys from: ring, top, floor, appended (each
+        followed by the token or day) and the big-set suffix."""
+        p = self.prefix
+        return [p + RING, p + TOP, p + FLOOR, p + APPENDED, BIG]

@@ -10,7 +10,7 @@ whatever the range, and each page is an index range scan that starts where the l
 The readers are merged with a heap keyed on ``(exchange_ts, instrument_token, sequence_id)``;
 this triple is the total replay order and also the resume position (``after``).
 
-Units: ``exchange_ts`` of a :class:`~nadi.ring.LiveTick` is UTC epoch nanoseconds (PostgreSQL
+Units: ``exchange_ts`` of a :class:`~nadi.tick.LiveTick` is UTC epoch nanoseconds (PostgreSQL
 keeps microseconds, so it is always a multiple of 1000). ``speed`` is a time multiplier:
 0 = as fast as possible, 1 = real time, N = N times faster.
 """
@@ -25,10 +25,12 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from confluent_kafka import KafkaError, Message, Producer
 
-from nadi.ring import LiveTick
+from nadi.codec import encode
+from nadi.tick import LiveTick
+from nadi.times import to_datetime_us, to_epoch_us
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SEQ_MAX = 2**63 - 1  # larger than any sequence_id: "after every tick of this microsecond"
 BATCH_TICKS = 2000  # ticks per yielded batch at speed 0 (amortises the async-generator hop)
 # Rows held across all readers, in units of chunk_rows: with many instruments each reader's page
@@ -36,14 +38,14 @@ BATCH_TICKS = 2000  # ticks per yielded batch at speed 0 (amortises the async-ge
 MEMORY_BUDGET_CHUNKS = 8
 MIN_PAGE_ROWS = 100
 
-# Columns in LiveTick field order, so a record unpacks straight into the struct (LiveTick(*r)).
+# Columns in LiveTick field order (status, keyword-only, last): LiveTick(*r[:13], status=r[13]).
 # exchange_ts leaves the server as epoch microseconds * 1000: a bigint decodes far faster
 # in asyncpg than a timestamptz turned into a datetime and back into an int in Python.
 # $5 is the instrument's exchange (from the master; the ticks table does not store it).
 _PAGE_SQL = """
 SELECT instrument_token, sequence_id,
        (extract(epoch FROM exchange_ts) * 1000000)::bigint * 1000,
-       last_price, status, $5::text, last_qty, volume, oi, bid, ask, bid_qty, ask_qty, feed
+       last_price, $5::text, last_qty, volume, oi, bid, ask, bid_qty, ask_qty, feed, status
 FROM ticks
 WHERE instrument_token = $1
   AND (exchange_ts, sequence_id) > ($2, $3)
@@ -55,19 +57,6 @@ LIMIT $6
 _EXCHANGES_SQL = (
     "SELECT instrument_token, exchange FROM instruments WHERE instrument_token = ANY($1)"
 )
-
-
-def to_datetime_us(us: int) -> datetime:
-    """UTC epoch microseconds -> aware datetime (exact; ``datetime.fromtimestamp`` rounds)."""
-    return _EPOCH + timedelta(microseconds=us)
-
-
-def to_epoch_us(dt: datetime) -> int:
-    """Aware datetime -> UTC epoch microseconds (exact)."""
-    if dt.tzinfo is None:
-        raise ValueError("datetime must be timezone-aware")
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 class _Reader:
@@ -98,7 +87,7 @@ class _Reader:
                 self.exchange,
                 limit,
             )
-        self.ticks = [LiveTick(*r) for r in rows]
+        self.ticks = [LiveTick(*r[:13], status=r[13]) for r in rows]
         self.ts = [t.exchange_ts for t in self.ticks]
         self.i = 0
         if len(rows) < limit:
@@ -189,20 +178,6 @@ class ReplayEngine:
                 due = wall0 + (batch[i].exchange_ts - ts0) / (speed * 1e9)
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    async def stream(
-        self,
-        tokens: Sequence[int],
-        start: datetime,
-        end: datetime,
-        *,
-        speed: float = 0.0,
-        after: tuple[int, int, int] | None = None,
-    ) -> AsyncIterator[LiveTick]:
-        """Tick by tick; see :meth:`batches`."""
-        async for batch in self.batches(tokens, start, end, speed=speed, after=after):
-            for t in batch:
-                yield t
-
     async def catch_up(
         self, token: int, after_ns: int, after_seq: int, end: datetime | None = None
     ) -> AsyncIterator[list[LiveTick]]:
@@ -269,3 +244,61 @@ class ReplayEngine:
                 out = []
         if out:
             yield out
+
+
+async def replay_to_kafka(
+    engine: ReplayEngine,
+    tokens: Sequence[int],
+    start: datetime,
+    end: datetime,
+    topic: str,
+    bootstrap: str,
+    speed: float = 0.0,
+) -> int:
+    """Produce the replay to ``topic``; returns the number of messages delivered.
+
+    Raises RuntimeError if any message failed delivery (after librdkafka's own retries), so a
+    Dagster run fails instead of reporting a partial replay as done. Idempotent producer: a
+    broker retry never duplicates a message; a re-run of the whole replay does.
+    """
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 20,
+            "batch.num.messages": 10_000,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 500_000,
+        }
+    )
+    failed: list[str] = []
+    delivered = 0
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        nonlocal delivered
+        if err is not None:
+            failed.append(str(err))
+        else:
+            delivered += 1
+
+    async for batch in engine.batches(tokens, start, end, speed=speed):
+        for t in batch:
+            value = encode(t)
+            key = str(t.instrument_token).encode()
+            while True:
+                try:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    # Local queue full: let librdkafka drain without blocking the event loop.
+                    producer.poll(0)
+                    await asyncio.sleep(0.005)
+        producer.poll(0)
+    remaining = await asyncio.to_thread(producer.flush, 60.0)
+    if failed or remaining:
+        raise RuntimeError(
+            f"replay to {topic}: {len(failed)} failed, {remaining} undelivered "
+            f"(first error: {failed[0] if failed else 'flush timeout'})"
+        )
+    return delivered

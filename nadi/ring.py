@@ -32,131 +32,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 
 import msgspec
 import redis.asyncio as aioredis
 
 from nadi.redis_keys import BITMAP_MAX_SEQ, RedisKeys
-from nadi.tick import Tick
+from nadi.tick import LiveTick, Tick
 
 # How the script decides whether a tick may go into the ring (``modes``).
 IN_ORDER = 1  # OK/STALE past the last sequence: anchors the ring (sets its floor if none)
 NEW_LATE = 0  # out of order and new to the database: appended unless already in the ring
 STORED_LATE = 2  # already stored: only at or above the floor and not in the ring
 
-# Keys are built inside the script from the prefix (ARGV[6]); all share one hash slot.
-_APPEND = """
-local items = cmsgpack.unpack(ARGV[1])
-local maxlen, live_maxlen, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local blob, pre, bigseq = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local call, sub = redis.call, string.sub
--- Per (day, token): {day, token, floor, top, bitmap key, dirty}; per token: the ring key.
-local out, groups, ringkeys, restarted = {}, {}, {}, {}
-local appended = 0
-for i, it in ipairs(items) do
-  local day, token, seq, mode, expect = it[1], it[2], it[3], it[4], it[7]
-  local gk = day * 4294967296 + token
-  local g = groups[gk]
-  if g == nil then
-    local f = call('HGET', pre .. 'rfloor:' .. day, token)
-    local top = call('HGET', pre .. 'rl:' .. day, token)
-    g = {day, token, tonumber(f or '-1'), tonumber(top or '-1'),
-         pre .. 'ra:' .. day .. ':' .. token, false}
-    groups[gk] = g
-    if expect >= 0 and g[4] < expect then
-      -- Behind what this worker already appended: Redis lost data. Restart after it.
-      call('DEL', pre .. 'ring:' .. token, g[5], g[5] .. ':big')
-      g[3], g[4], g[6] = expect + 1, expect, true
-      restarted[#restarted + 1] = token
-      restarted[#restarted + 1] = day
-      restarted[#restarted + 1] = (top and 2 or 3)
-    end
-  end
-  if g[3] < 0 and mode == 1 then
-    -- No ring for this instrument-day (a new day, or Redis lost it): it starts here.
-    g[3] = seq
-    g[6] = true
-  end
-  local fresh = false
-  if mode ~= 2 or (g[3] >= 0 and seq >= g[3]) then
-    if seq < bigseq then
-      fresh = call('SETBIT', g[5], seq, 1) == 0
-    else
-      fresh = call('SADD', g[5] .. ':big', seq) == 1
-    end
-  end
-  if fresh then
-    local rk = ringkeys[token]
-    if rk == nil then
-      rk = pre .. 'ring:' .. token
-      ringkeys[token] = rk
-    end
-    -- The tick's JSON is a slice of the live payload (ARGV[5]): sent once, not twice.
-    out[i] = call('XADD', rk, 'MAXLEN', '~', maxlen, '*', 'd', sub(blob, it[5], it[5] + it[6] - 1))
-    appended = appended + 1
-    if seq > g[4] then g[4] = seq end
-    g[6] = true
-  else
-    out[i] = ''
-  end
-end
-for _, g in pairs(groups) do
-  if g[6] then
-    local fk, tk = pre .. 'rfloor:' .. g[1], pre .. 'rl:' .. g[1]
-    call('HSET', fk, g[2], g[3])
-    call('HSET', tk, g[2], g[4])
-    call('EXPIRE', fk, ttl)
-    call('EXPIRE', tk, ttl)
-    call('EXPIRE', g[5], ttl)
-    if call('EXISTS', g[5] .. ':big') == 1 then call('EXPIRE', g[5] .. ':big', ttl) end
-  end
-end
-for _, rk in pairs(ringkeys) do call('EXPIRE', rk, ttl) end
--- Building the live JSON in Lua cost more than all the XADDs: the client sends the batch's
--- payloads pre-joined (ARGV[5]) and only the offsets are joined here (and returned so,
--- one string rather than an array of thousands).
-local offsets = table.concat(out, ',')
-if appended > 0 then
-  call('XADD', KEYS[1], 'MAXLEN', '~', live_maxlen, '*', 'p', blob, 'o', offsets)
-  call('EXPIRE', KEYS[1], ttl)
-end
-return {offsets, restarted}
-"""
 
-# ARGV[1]: msgpack [[day, token, db_last (-1: none)], ...]. Returns a flat list of
-# token, day, outcome (0 consistent, 1 ahead of the database, 2 behind: restarted,
-# 3 no ring state although the database has ticks: restarted).
-_CHECK = """
-local items = cmsgpack.unpack(ARGV[1])
-local pre, ttl = ARGV[2], tonumber(ARGV[3])
-local call = redis.call
-local out = {}
-for _, it in ipairs(items) do
-  local day, token, last = it[1], it[2], it[3]
-  local top = call('HGET', pre .. 'rl:' .. day, token)
-  local outcome = 0
-  if top then top = tonumber(top) end
-  if last >= 0 then
-    if not top then outcome = 3 elseif top < last then outcome = 2 elseif top > last then outcome = 1 end
-  elseif top then
-    outcome = 1
-  end
-  if outcome >= 2 then
-    local ak = pre .. 'ra:' .. day .. ':' .. token
-    call('DEL', pre .. 'ring:' .. token, ak, ak .. ':big')
-    call('HSET', pre .. 'rl:' .. day, token, last)
-    call('HSET', pre .. 'rfloor:' .. day, token, last + 1)
-    call('EXPIRE', pre .. 'rl:' .. day, ttl)
-    call('EXPIRE', pre .. 'rfloor:' .. day, ttl)
-  end
-  if outcome > 0 then
-    out[#out + 1] = token
-    out[#out + 1] = day
-    out[#out + 1] = outcome
-  end
-end
-return out
-"""
+def _lua(name: str) -> str:
+    return resources.files("nadi").joinpath("lua", name).read_text()
+
+
+# Key prefixes arrive as arguments (RedisKeys.script_prefixes), so the names live in one place.
+_APPEND = _lua("ring_append.lua")
+_CHECK = _lua("ring_check.lua")
 
 CONSISTENT, AHEAD, BEHIND, LOST = 0, 1, 2, 3
 
@@ -169,25 +65,6 @@ class RingCheck:
     token: int
     day: int
     outcome: int
-
-
-class LiveTick(msgspec.Struct, omit_defaults=True):
-    """What the ring and the live stream carry for one tick (wire fields plus status)."""
-
-    instrument_token: int
-    sequence_id: int
-    exchange_ts: int  # UTC epoch nanoseconds
-    last_price: float
-    status: str
-    exchange: str | None = None
-    last_qty: int | None = None
-    volume: int | None = None
-    oi: int | None = None
-    bid: float | None = None
-    ask: float | None = None
-    bid_qty: int | None = None
-    ask_qty: int | None = None
-    feed: str | None = None
 
 
 class LiveEntry(msgspec.Struct):
@@ -280,7 +157,7 @@ class RingWriter:
         blob = _pack(items)
         result = await self._script(
             keys=[self.keys.live],
-            args=[blob, *self._tail, joined, self.keys.prefix, BITMAP_MAX_SEQ],
+            args=[blob, *self._tail, joined, *self.keys.script_prefixes(), BITMAP_MAX_SEQ],
         )
         offsets, flat = result
         restarted = [
@@ -296,7 +173,7 @@ class RingWriter:
             return []
         items = [(day, token, -1 if q is None else q) for (token, day), q in last.items()]
         flat = await self._check(
-            keys=[self.keys.live], args=[_pack(items), self.keys.prefix, self._ttl]
+            keys=[self.keys.live], args=[_pack(items), *self.keys.script_prefixes(), self._ttl]
         )
         return [
             RingCheck(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]))

@@ -13,7 +13,12 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _local(*parts: str) -> Path:
+    """A default under ``./.nadi`` of the directory the command runs in (the checkout's root
+    for make, CI and the tests; wherever an installed ``nadi`` is run from otherwise)."""
+    return Path.cwd().joinpath(".nadi", *parts)
+
 
 # API key scopes (issue 10): what a key may do. ``admin`` includes the others.
 API_SCOPES = ("read", "replay", "admin")
@@ -162,7 +167,7 @@ class Settings(BaseSettings):
     recovery_url: str = Field(
         "http://127.0.0.1:8765", description="the exchange recovery (retransmission) service"
     )
-    bhavcopy_dir: Path = _REPO_ROOT / ".nadi" / "bhavcopy"
+    bhavcopy_dir: Path = Field(default_factory=lambda: _local("bhavcopy"))
     gap_repair_max_attempts: int = Field(3, ge=1)
 
     # Storage policies (issue 9). Dagster runs candle refresh, retention and compression on
@@ -177,9 +182,9 @@ class Settings(BaseSettings):
     )
 
     # Where local services keep data, builds and logs (git-ignored).
-    home: Path = _REPO_ROOT / ".nadi"
+    home: Path = Field(default_factory=_local)
     dagster_home: Path = Field(
-        _REPO_ROOT / ".nadi" / "dagster", validation_alias=AliasChoices("DAGSTER_HOME")
+        default_factory=lambda: _local("dagster"), validation_alias=AliasChoices("DAGSTER_HOME")
     )
     kafka_version: str = "4.3.1"
     kafka_heap: str = "1G"
@@ -189,7 +194,20 @@ class Settings(BaseSettings):
     # trust rules as NADI_PG_DSN, its own port; built from this source (tarball or unpacked
     # tree). CI runs in a fresh clone with shared/ beside it, hence the default.
     pg_tsl_port: int = Field(5433, ge=1, le=65535)
-    timescale_src: Path = _REPO_ROOT.parent / "shared" / "vendor" / "timescaledb-2.19.3.tar.gz"
+    timescale_src: Path = Field(
+        default_factory=lambda: Path.cwd().parent / "shared/vendor/timescaledb-2.19.3.tar.gz"
+    )
+
+    # The demo platform of `nadi up`: a live simulated feed with a few gaps, reorders and bad
+    # packets, so the repair paths have work to show, and this many processor workers (their
+    # Prometheus ports are metrics_port, metrics_port + 1, ...).
+    demo_rate: float = Field(1000.0, gt=0, description="ticks/s of the demo feed")
+    demo_gap_rate: float = Field(
+        0.0001, ge=0, le=1, description="a gap every ~10 s: each is one repair run to watch"
+    )
+    demo_reorder_rate: float = Field(0.001, ge=0, le=1)
+    demo_bad_rate: float = Field(0.0002, ge=0, le=1)
+    demo_workers: int = Field(2, ge=1, le=64)
 
     @field_validator("pg_dsn", "pg_ingest_dsn", "pg_api_dsn", "pg_maint_dsn")
     @classmethod

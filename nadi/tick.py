@@ -1,7 +1,7 @@
 """The tick: wire format v1 (DESIGN.md section 4) and the validated, normalised form.
 
 Units: prices in rupees (float, already a multiple of the tick size), quantities in shares
-(or contracts x lot size, as the exchange reports them), ``exchange_ts_ns`` in nanoseconds since
+(or contracts x lot size, as the exchange reports them), ``exchange_ts`` in nanoseconds since
 the Unix epoch, UTC.
 """
 
@@ -12,8 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-IST_OFFSET_S = 19_800  # Asia/Kolkata is UTC+05:30 all year (no DST)
-NS = 1_000_000_000
+from nadi.times import trading_day_ordinal
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -27,14 +26,16 @@ class TickStatus(StrEnum):
     RECOVERED = "RECOVERED"  # a late or repaired tick that filled a gap
 
 
-class WireTick(msgspec.Struct, forbid_unknown_fields=False):
-    """A tick exactly as it travels on ``ticks.raw`` (JSON). Unknown fields are ignored."""
+class TickFields(msgspec.Struct, frozen=True):
+    """The tick's fields, declared once (DESIGN.md section 4). The bounds apply when a message
+    is decoded (:class:`WireTick`); constructing a :class:`Tick` or :class:`LiveTick` does not
+    check them."""
 
     instrument_token: PositiveInt
     sequence_id: NonNegInt
-    exchange_ts: int | str
+    exchange_ts: int  # UTC epoch nanoseconds
     last_price: PositiveFloat
-    exchange: Exchange | None = None
+    exchange: str | None = None  # WireTick narrows it to Exchange
     last_qty: NonNegInt | None = None
     volume: NonNegInt | None = None
     oi: NonNegInt | None = None
@@ -45,54 +46,50 @@ class WireTick(msgspec.Struct, forbid_unknown_fields=False):
     feed: str | None = None
 
 
-class Tick(msgspec.Struct, frozen=True, gc=False, rename={"exchange_ts_ns": "exchange_ts"}):
-    """A validated tick. ``exchange_ts_ns`` is UTC epoch nanoseconds (encoded as
-    ``exchange_ts``, so a Tick's JSON reads like the wire format)."""
+# The value columns (DESIGN.md section 4 and the ``ticks`` table), after the key fields.
+TICK_MEASURES = ("last_price", "last_qty", "volume", "oi", "bid", "ask", "bid_qty", "ask_qty")
+# The ``ticks`` table's columns, in table order.
+TICK_COLUMNS = (
+    "instrument_token", "exchange_ts", "sequence_id", *TICK_MEASURES, "status", "feed",
+)  # fmt: skip
 
-    instrument_token: int
-    sequence_id: int
-    exchange_ts_ns: int
-    last_price: float
-    exchange: str | None = None
-    last_qty: int | None = None
-    volume: int | None = None
-    oi: int | None = None
-    bid: float | None = None
-    ask: float | None = None
-    bid_qty: int | None = None
-    ask_qty: int | None = None
-    feed: str | None = None
+
+class WireTick(TickFields, frozen=True):
+    """A tick exactly as it travels on ``ticks.raw`` (JSON). Unknown fields are ignored;
+    ``exchange_ts`` may also be ISO-8601 with an offset (normalised by the codec)."""
+
+    exchange_ts: int | str  # type: ignore[assignment]
+    exchange: Exchange | None = None
+
+
+class Tick(TickFields, frozen=True, gc=False):
+    """A validated tick. Its JSON is the wire JSON (epoch-ns ``exchange_ts``)."""
 
     @property
     def trading_day_ordinal(self) -> int:
         """Days since 1970-01-01 of the Asia/Kolkata date of ``exchange_ts``."""
-        return trading_day_ordinal(self.exchange_ts_ns)
+        return trading_day_ordinal(self.exchange_ts)
 
     def payload_fingerprint(self) -> tuple[object, ...]:
         """What must agree between two packets of the same sequence (the feed may differ)."""
         return (
-            self.exchange_ts_ns, self.last_price, self.last_qty, self.volume, self.oi,
+            self.exchange_ts, self.last_price, self.last_qty, self.volume, self.oi,
             self.bid, self.ask, self.bid_qty, self.ask_qty,
         )  # fmt: skip
 
-    def to_wire(self, feed: str | None = None) -> WireTick:
-        return WireTick(
-            instrument_token=self.instrument_token,
-            sequence_id=self.sequence_id,
-            exchange_ts=self.exchange_ts_ns,
-            last_price=self.last_price,
-            exchange=self.exchange,  # type: ignore[arg-type]
-            last_qty=self.last_qty,
-            volume=self.volume,
-            oi=self.oi,
-            bid=self.bid,
-            ask=self.ask,
-            bid_qty=self.bid_qty,
-            ask_qty=self.ask_qty,
-            feed=feed if feed is not None else self.feed,
-        )
+
+class LiveTick(TickFields, frozen=True, omit_defaults=True, kw_only=True):
+    """What the ring and the live stream carry for one tick: the tick's fields plus its
+    status, last (as :func:`nadi.ring.live_payload` splices it)."""
+
+    status: str
 
 
-def trading_day_ordinal(exchange_ts_ns: int) -> int:
-    """Days since 1970-01-01 of the Asia/Kolkata calendar date of a UTC epoch-ns timestamp."""
-    return (exchange_ts_ns // NS + IST_OFFSET_S) // 86_400
+def as_tick(t: TickFields) -> Tick:
+    """The :class:`Tick` with the same field values (the same object if it is one)."""
+    if type(t) is Tick:
+        return t
+    return Tick(
+        t.instrument_token, t.sequence_id, t.exchange_ts, t.last_price, t.exchange, t.last_qty,
+        t.volume, t.oi, t.bid, t.ask, t.bid_qty, t.ask_qty, t.feed,
+    )  # fmt: skip

@@ -5,6 +5,7 @@
 
 import time
 from datetime import date
+from functools import partial
 
 from dagster import (
     AssetSelection,
@@ -32,6 +33,10 @@ CANDLES = AssetSelection.assets("candles_1m", "candles_5m")
 STORAGE_POLICIES = AssetSelection.assets(
     "ticks_hypertable", "ticks_retention", "ticks_compression", "candle_refresh_policy"
 )
+# Jobs of small runs: steps in the run's own process, not one subprocess each (~1 s apiece).
+_small_job = partial(define_asset_job, executor_def=in_process_executor)
+
+
 storage_job = define_asset_job(
     "storage_job",
     selection=STORAGE_POLICIES,
@@ -40,32 +45,24 @@ storage_job = define_asset_job(
         "both editions: retention, compression (Timescale license), candle refresh."
     ),
 )
-candle_refresh_job = define_asset_job(
+candle_refresh_job = _small_job(
     "candle_refresh_job",
-    # Small runs: steps in the run's own process, not one subprocess each (~1 s apiece).
-    executor_def=in_process_executor,
     selection=AssetSelection.assets("candle_refresh_policy"),
     description="Refresh the candles of every marked window of any day (late ticks, backfills).",
 )
-candles_job = define_asset_job(
+candles_job = _small_job(
     "candles_job",
-    # Small runs: steps in the run's own process, not one subprocess each (~1 s apiece).
-    executor_def=in_process_executor,
     selection=CANDLES,
     description="Refresh one trading day's candles (with the raw-tick check).",
 )
-gap_repair_job = define_asset_job(
+gap_repair_job = _small_job(
     "gap_repair_job",
-    # Small runs: steps in the run's own process, not one subprocess each (~1 s apiece).
-    executor_def=in_process_executor,
     selection=AssetSelection.assets("gap_repair") | CANDLES,
     tags={"nadi/kind": "gap_repair"},
     description="Repair gaps of one trading day, then refresh that day's candles.",
 )
-eod_reconciliation_job = define_asset_job(
+eod_reconciliation_job = _small_job(
     "eod_reconciliation_job",
-    # Small runs: steps in the run's own process, not one subprocess each (~1 s apiece).
-    executor_def=in_process_executor,
     selection=AssetSelection.assets("eod_reconciliation"),
     description="Reconcile one trading day with the exchange's bhavcopy.",
 )

@@ -12,16 +12,17 @@ import asyncio
 import ipaddress
 import sys
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import yaml
 
 from nadi.settings import Settings
-from nadi.supervisor import Component
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKSPACE = REPO_ROOT / "workspace.yaml"
+# The code location, by module: the same in a checkout and in an installed wheel (workspace.yaml
+# names the same module for `dagster dev` in a checkout).
+CODE_LOCATION = ("-m", "pipelines.definitions")
 DAGSTER_DB = "nadi_dagster"
 MAX_CONCURRENT_RUNS = 8
 # Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs are many
@@ -127,18 +128,25 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def platform_components(settings: Settings) -> list[Component]:
+class Process(NamedTuple):
+    """A long-running process for the command's supervisor: log name, argv, extra env."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+
+
+def dagster_processes(settings: Settings) -> list[Process]:
     """The Dagster webserver (127.0.0.1:3000 unless :func:`webserver_bind` allows otherwise)
     and daemon, for `nadi up`."""
     host, port = webserver_bind(settings)
     home = ensure_dagster_home(settings)
     env = {"DAGSTER_HOME": str(home)}
-    ws = str(WORKSPACE)
     return [
-        Component(
+        Process(
             "dagster-web",
-            (_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", ws),
+            (_bin("dagster-webserver"), "-h", host, "-p", str(port), *CODE_LOCATION),
             env,
         ),
-        Component("dagster-daemon", (_bin("dagster-daemon"), "run", "-w", ws), env),
+        Process("dagster-daemon", (_bin("dagster-daemon"), "run", *CODE_LOCATION), env),
     ]

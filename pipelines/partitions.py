@@ -17,7 +17,7 @@ from datetime import date, datetime, time, timedelta
 
 from dagster import TimeWindowPartitionsDefinition
 
-from nadi.calendar import IST, is_trading_day, today_ist
+from nadi.calendar import is_trading_day, today_ist
 
 PARTITIONS_START = date(2025, 1, 1)
 KEY_FORMAT = "%Y-%m-%d"
@@ -63,9 +63,3 @@ def partition_key(d: date) -> str:
 def key_to_day(key: str) -> date:
     """The trading day of a partition key."""
     return datetime.strptime(key, KEY_FORMAT).date()
-
-
-def day_bounds(d: date) -> tuple[datetime, datetime]:
-    """``[00:00 IST of d, 00:00 IST of d + 1)``: every tick of the trading day ``d``."""
-    start = datetime.combine(d, time(0), IST)
-    return start, start + timedelta(days=1)

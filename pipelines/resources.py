@@ -14,15 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import date
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import asyncpg
-import httpx
 import redis.asyncio as aioredis
 from dagster import ConfigurableResource
 
 from nadi.db.tick_writer import init_connection
+from nadi.recovery import fetch_bhavcopy, fetch_retransmission
 from nadi.settings import Settings
 from nadi.tick import Tick
 
@@ -152,25 +151,14 @@ class SimulatorRecoveryResource(RecoverySourceResource):
     timeout_s: float = 30.0
 
     async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
-        from streaming.simulator.recovery import fetch_retransmission
-
         return await fetch_retransmission(
             self.url, token, day, from_seq, to_seq, timeout_s=self.timeout_s
         )
 
     async def bhavcopy(self, day: date) -> str | None:
-        if self.bhavcopy_dir:
-            path = Path(self.bhavcopy_dir) / f"BhavCopy_NSE_CM_0_0_0_{day:%Y%m%d}_F_0000.csv"
-            if path.is_file():
-                return path.read_text("utf-8")
-        async with httpx.AsyncClient(timeout=self.timeout_s) as c:
-            r = await c.get(
-                f"{self.url.rstrip('/')}/v1/bhavcopy", params={"trading_day": day.isoformat()}
-            )
-        if r.status_code == 404:
-            return None
-        r.raise_for_status()
-        return r.text
+        return await fetch_bhavcopy(
+            self.url, day, bhavcopy_dir=self.bhavcopy_dir, timeout_s=self.timeout_s
+        )
 
 
 def resources_from_settings(settings: Settings) -> dict[str, _Resource]:

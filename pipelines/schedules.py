@@ -5,6 +5,7 @@ reconciliation, nightly replay, daily storage upkeep and policies. Exchange holi
 # decorated functions' annotations at definition time.
 
 from datetime import datetime, timedelta
+from functools import partial
 
 from dagster import (
     DefaultScheduleStatus,
@@ -15,7 +16,8 @@ from dagster import (
     schedule,
 )
 
-from nadi.calendar import IST, SESSION_CLOSE, SESSION_OPEN, is_trading_day, previous_trading_day
+from nadi.calendar import SESSION_CLOSE, SESSION_OPEN, is_trading_day, previous_trading_day
+from nadi.times import IST, day_bounds
 from pipelines.jobs import (
     IN_PROGRESS_RUN_STATUSES,
     candle_refresh_job,
@@ -24,22 +26,24 @@ from pipelines.jobs import (
     replay_job,
     storage_job,
 )
-from pipelines.partitions import day_bounds, partition_key
+from pipelines.partitions import partition_key
 
 TZ = "Asia/Kolkata"
 # The last window (15:25-15:30) is refreshed after the close too.
 _INTRADAY_UNTIL = (datetime.combine(datetime.min, SESSION_CLOSE) + timedelta(minutes=5)).time()
 
 
+# Every schedule: IST wall-clock crons, running as soon as the code location loads.
+_schedule = partial(schedule, execution_timezone=TZ, default_status=DefaultScheduleStatus.RUNNING)
+
+
 def _now(context: ScheduleEvaluationContext) -> datetime:
     return context.scheduled_execution_time.astimezone(IST)
 
 
-@schedule(
+@_schedule(
     job=candles_job,
     cron_schedule="* 9-15 * * 1-5",
-    execution_timezone=TZ,
-    default_status=DefaultScheduleStatus.RUNNING,
     description="Every minute 09:15-15:35 IST on trading days: refresh today's dirty candles.",
 )
 def candles_intraday_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
@@ -65,11 +69,9 @@ def candles_intraday_schedule(context: ScheduleEvaluationContext) -> RunRequest 
     )
 
 
-@schedule(
+@_schedule(
     job=eod_reconciliation_job,
     cron_schedule="0 16 * * 1-5",
-    execution_timezone=TZ,
-    default_status=DefaultScheduleStatus.RUNNING,
     description="16:00 IST on trading days: reconcile the day with the bhavcopy.",
 )
 def eod_reconciliation_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
@@ -87,11 +89,9 @@ def last_trading_day(now: datetime) -> datetime:
     return day_bounds(d)[0]
 
 
-@schedule(
+@_schedule(
     job=replay_job,
     cron_schedule="0 20 * * *",
-    execution_timezone=TZ,
-    default_status=DefaultScheduleStatus.RUNNING,
     description="20:00 IST nightly: replay the last trading day into the replay topic.",
 )
 def replay_nightly_schedule(context: ScheduleEvaluationContext) -> RunRequest:
@@ -110,22 +110,18 @@ def replay_nightly_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     )
 
 
-@schedule(
+@_schedule(
     job=storage_job,
     cron_schedule="30 18 * * *",
-    execution_timezone=TZ,
-    default_status=DefaultScheduleStatus.RUNNING,
     description=("18:30 IST daily: migrations, retention, compression, candle refresh, ANALYZE."),
 )
 def storage_maintenance_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(run_key=f"storage-{_now(context).date()}")
 
 
-@schedule(
+@_schedule(
     job=candle_refresh_job,
     cron_schedule="*/10 * * * *",
-    execution_timezone=TZ,
-    default_status=DefaultScheduleStatus.RUNNING,
     description=(
         "Every 10 minutes, every day: refresh the candles of windows marked on any day (late "
         "ticks, repairs, back-filled history); the API serves them from raw ticks until then."

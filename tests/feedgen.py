@@ -11,14 +11,15 @@ import time
 from dataclasses import dataclass, field
 
 from nadi.codec import encode
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import NS
 
 
 def tick(
     token: int, seq: int, ts_ns: int, price: float = 100.0, qty: int = 1, feed: str = "A"
 ) -> Tick:
     return Tick(
-        instrument_token=token, sequence_id=seq, exchange_ts_ns=ts_ns, last_price=price,
+        instrument_token=token, sequence_id=seq, exchange_ts=ts_ns, last_price=price,
         exchange="NSE", last_qty=qty, volume=seq * qty, bid=price - 0.05, ask=price + 0.05,
         bid_qty=10, ask_qty=12, feed=feed,
     )  # fmt: skip

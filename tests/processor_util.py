@@ -73,7 +73,7 @@ def spawn_worker(
         env["NADI_FAULT"] = fault
     out = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "nadi", "process"], env=env, stdout=out, stderr=out
+        [sys.executable, "-m", "command", "process"], env=env, stdout=out, stderr=out
     )
 
 

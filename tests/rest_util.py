@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,8 +20,8 @@ import httpx
 
 from api.app import create_app
 from nadi.settings import Settings
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from nadi.tick import TICK_COLUMNS
+from nadi.times import to_epoch_ns
 
 
 class Row(NamedTuple):
@@ -34,8 +34,7 @@ class Row(NamedTuple):
 
     @property
     def ts_ns(self) -> int:
-        d = self.exchange_ts - EPOCH
-        return ((d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds) * 1000
+        return to_epoch_ns(self.exchange_ts)
 
 
 async def seed(conn: asyncpg.Connection, rows: Iterable[Row], *, mark_dirty: bool) -> None:
@@ -61,21 +60,7 @@ async def seed(conn: asyncpg.Connection, rows: Iterable[Row], *, mark_dirty: boo
             )
             for r in rows
         ],
-        columns=[
-            "instrument_token",
-            "exchange_ts",
-            "sequence_id",
-            "last_price",
-            "last_qty",
-            "volume",
-            "oi",
-            "bid",
-            "ask",
-            "bid_qty",
-            "ask_qty",
-            "status",
-            "feed",
-        ],
+        columns=list(TICK_COLUMNS),
     )
     if mark_dirty:
         await conn.execute(
@@ -143,7 +128,7 @@ async def api_process(
         env["NADI_API_KEYS"] = settings.api_keys
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nadi", "api", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, "-m", "command", "api", "--host", "127.0.0.1", "--port", str(port),
             env=env, stdout=log, stderr=log,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"

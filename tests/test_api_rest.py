@@ -14,8 +14,8 @@ import msgspec
 import pytest
 
 from api.rest.models import CandleSeries, GapList, InstrumentList, TickPage
-from nadi.ring import LiveTick
 from nadi.settings import Settings
+from nadi.tick import LiveTick
 from pipelines.assets.candles import refresh_marked
 from tests.rest_util import Row, client, random_rows, seed
 

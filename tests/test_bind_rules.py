@@ -9,7 +9,7 @@ import pytest
 
 from api.auth import check_bind_address
 from nadi.settings import Settings
-from pipelines.launch import platform_components, webserver_bind
+from pipelines.launch import dagster_processes, webserver_bind
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
@@ -28,10 +28,10 @@ def test_dagster_beyond_loopback_needs_an_auth_proxy(host: str) -> None:
 def test_nadi_up_refuses_before_starting_anything(migrated: Settings, tmp_path: Path) -> None:
     exposed = migrated.model_copy(update={"dagster_host": "0.0.0.0", "dagster_home": tmp_path})
     with pytest.raises(SystemExit, match="no authentication"):
-        platform_components(exposed)
+        dagster_processes(exposed)
     assert not (tmp_path / "dagster.yaml").exists()
     proxied = exposed.model_copy(update={"dagster_behind_auth_proxy": True})
-    web, _ = platform_components(proxied)
+    web, _ = dagster_processes(proxied)
     assert web.argv[1:5] == ("-h", "0.0.0.0", "-p", "3000")
 
 

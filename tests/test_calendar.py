@@ -8,7 +8,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nadi.calendar import (
-    IST,
     is_trading_day,
     next_trading_day,
     previous_trading_day,
@@ -16,6 +15,7 @@ from nadi.calendar import (
     session_bounds_ns,
     trading_days,
 )
+from nadi.times import IST
 
 
 def test_known_holidays_and_weekends_are_not_trading_days() -> None:

@@ -29,11 +29,12 @@ import msgspec
 from nadi.db.migrate import run_migrations
 from nadi.settings import Settings
 from nadi.tick import Tick
+from nadi.times import EPOCH
 from pipelines.assets.candles import refresh_marked
 from tests.editions import EDITIONS, fresh_database, on_edition
 from tests.kafka_util import produce, wait_caught_up
 from tests.processor_util import private_settings, reset_state, running_worker
-from tests.rest_util import EPOCH, Row, client, random_rows
+from tests.rest_util import Row, client, random_rows
 
 TOKENS = (9_400_001, 9_400_002)
 DAY = date(2025, 3, 4)  # a Tuesday, NSE trading day

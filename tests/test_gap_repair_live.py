@@ -19,7 +19,8 @@ from nadi.redis_keys import RedisKeys
 from nadi.ring import RingWriter, decode_live_entry
 from nadi.sequence import Gap
 from nadi.settings import Settings
-from nadi.tick import NS, Tick, trading_day_ordinal
+from nadi.tick import Tick
+from nadi.times import NS, trading_day_ordinal
 from pipelines.assets.quality import repair_gaps
 from pipelines.resources import RecoverySourceResource, TimescaleResource
 from tests.feedgen import tick
@@ -63,7 +64,7 @@ async def test_todays_repaired_ticks_go_live_and_older_ones_do_not(
     await init_connection(pg)
     for day in (today, yesterday):
         held = [src._tick(day, s) for s in (1, 2, 5, 6)]  # 3..4 never arrived
-        d = trading_day_ordinal(held[0].exchange_ts_ns)
+        d = trading_day_ordinal(held[0].exchange_ts)
         await write_batch(pg, held, [d] * 4, ["OK", "OK", "STALE", "OK"], [Gap(TOKEN, d, 3, 4)],
                           mark_dirty=True)  # fmt: skip
     keys = await RedisKeys.load(pg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from nadi.db.migrate import MIGRATIONS_DIR, MigrationError, discover, plan, run_migrations
+from nadi.db.migrate import MIGRATIONS, MigrationError, discover, plan, run_migrations
 from nadi.settings import Settings
 from tests.editions import EDITIONS, fresh_database, on_edition
 
@@ -46,7 +46,7 @@ async def test_nadi_migrate_twice_on_each_edition(empty_db: Settings) -> None:
     s = empty_db
     first = await run_migrations(s)
     license_ = (await _fetch(s, "SELECT current_setting('timescaledb.license')"))[0][0]
-    want = [m.version for m in plan(discover(MIGRATIONS_DIR), license_)]
+    want = [m.version for m in plan(discover(MIGRATIONS), license_)]
     assert first == want
     recorded = await _fetch(s, "SELECT version, variant FROM schema_migrations ORDER BY 1")
     variants = {r["version"]: r["variant"] for r in recorded}
@@ -58,7 +58,7 @@ async def test_nadi_migrate_twice_on_each_edition(empty_db: Settings) -> None:
     # The second run, through the CLI as a user runs it, applies nothing.
     env = {**os.environ, "NADI_PG_DSN": s.pg_dsn, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "nadi", "migrate"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "command", "migrate"], env=env, capture_output=True, text=True,
         timeout=120, check=True,
     )  # fmt: skip
     assert json.loads(out.stderr.strip().splitlines()[-1]) == {"applied": []}

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from nadi.db.migrate import MIGRATIONS_DIR, discover, plan, split_statements
+from nadi.db.migrate import MIGRATIONS, discover, plan, split_statements
 
 
 def test_repository_migrations_plan_for_both_licenses() -> None:
-    ms = discover(MIGRATIONS_DIR)
+    ms = discover(MIGRATIONS)
     apache = plan(ms, "apache")
     timescale = plan(ms, "timescale")
     assert [m.version for m in apache] == [m.version for m in timescale]
@@ -105,7 +105,7 @@ def test_statement_splitter_refuses_unterminated_constructs(sql: str, what: str)
 
 def test_every_repository_migration_splits() -> None:
     """No-transaction files split into statements that each still hold their full body."""
-    for m in discover(MIGRATIONS_DIR):
+    for m in discover(MIGRATIONS):
         statements = m.statements
         assert statements, m.path.name
         if not m.transactional:

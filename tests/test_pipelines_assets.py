@@ -26,11 +26,11 @@ from dagster import (
     materialize,
 )
 
-from nadi.calendar import IST
+from nadi.times import IST, day_bounds
 from pipelines.assets.candles import candle_refresh_policy, candles
 from pipelines.assets.quality import eod_reconciliation, gap_repair
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
-from pipelines.partitions import day_bounds, partition_key
+from pipelines.partitions import partition_key
 from pipelines.sensors import GAP_TAG, gap_repair_sensor
 from streaming.simulator.bhavcopy import write_bhavcopy
 from tests import pipelines_env
@@ -518,7 +518,6 @@ def test_eod_reconciliation_fails_naming_the_instrument_of_a_deleted_tick(market
 
 
 def test_replay_job_sends_exactly_the_stored_ticks_of_its_range(market: Market) -> None:
-    pytest.importorskip("streaming.replay_cli", reason="the serving issue's replay_to_kafka")
     m = market
     day = m.days[1]
     tokens = sorted(m.generators[day].instruments)[:3]

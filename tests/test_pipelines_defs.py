@@ -17,11 +17,12 @@ from dagster import (
     build_schedule_context,
 )
 
-from nadi.calendar import IST, is_trading_day, trading_days
+from nadi.calendar import is_trading_day, trading_days
 from nadi.settings import Settings
+from nadi.times import IST, day_bounds
 from pipelines.definitions import build_definitions, defs
-from pipelines.launch import dagster_config, platform_components
-from pipelines.partitions import build_trading_day_partitions, day_bounds, partition_key
+from pipelines.launch import dagster_config, dagster_processes
+from pipelines.partitions import build_trading_day_partitions, partition_key
 from pipelines.schedules import (
     candle_refresh_schedule,
     candles_intraday_schedule,
@@ -169,14 +170,14 @@ def test_dagster_yaml_uses_postgres_and_a_queued_coordinator(tmp_path: Path) -> 
     yaml.safe_dump(cfg)
 
 
-def test_platform_components(migrated: Settings, tmp_path: Path) -> None:
+def test_dagster_processes(migrated: Settings, tmp_path: Path) -> None:
     s = migrated.model_copy(update={"dagster_home": tmp_path / "dh"})
-    comps = platform_components(s)
+    comps = dagster_processes(s)
     web, daemon = comps
     assert Path(web.argv[0]).name == "dagster-webserver"
     assert web.argv[1:5] == ("-h", "127.0.0.1", "-p", "3000")
-    assert web.argv[-2] == "-w" and web.argv[-1].endswith("workspace.yaml")
-    assert daemon.argv[1:3] == ("run", "-w")
+    assert web.argv[-2:] == ("-m", "pipelines.definitions")
+    assert daemon.argv[1:] == ("run", "-m", "pipelines.definitions")
     for c in comps:
         assert c.env["DAGSTER_HOME"] == str((tmp_path / "dh").resolve())
         assert Path(c.argv[0]).exists()

@@ -1,5 +1,5 @@
 """Smoke test: `dagster-webserver` on a free port with a temporary DAGSTER_HOME (on
-dagster-postgres) loads workspace.yaml and serves the asset graph, jobs, schedules and
+dagster-postgres) loads the code location (-m pipelines.definitions) and serves the asset graph, jobs, schedules and
 sensors over GraphQL."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from nadi.settings import Settings
-from pipelines.launch import WORKSPACE, _bin
+from pipelines.launch import CODE_LOCATION, _bin
 from tests.pipelines_env import dagster_home, free_port
 
 QUERY = """
@@ -56,11 +56,11 @@ def test_webserver_serves_the_code_location(migrated: Settings, tmp_path: Path) 
     }
     log = open(tmp_path / "web.log", "wb")
     proc = subprocess.Popen(
-        [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(WORKSPACE)],
+        [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *CODE_LOCATION],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        cwd=tmp_path,  # workspace.yaml resolves its working_directory itself
+        cwd=tmp_path,  # the code location is found by module name, not from the cwd
     )
     try:
         repo = None

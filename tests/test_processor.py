@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from nadi.ring import decode_live_entry
 from nadi.settings import Settings
-from nadi.tick import NS
+from nadi.times import NS
 from tests.feedgen import Feed, msg, tick
 from tests.kafka_util import produce, read_all, wait_caught_up
 from tests.processor_util import (

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from nadi.kafka_admin import group_offsets
 from nadi.settings import Settings
-from nadi.tick import NS
+from nadi.times import NS
 from tests.feedgen import Feed
 from tests.kafka_util import produce, wait_caught_up
 from tests.processor_util import private_settings, reset_state, running_worker, stored

@@ -15,13 +15,12 @@ import pytest
 from typer import Typer
 from typer.testing import CliRunner
 
+from command.replay import replay
 from nadi.codec import encode
 from nadi.db.pool import create_pool
-from nadi.replay import ReplayEngine
-from nadi.ring import LiveTick
+from nadi.replay import ReplayEngine, replay_to_kafka
 from nadi.settings import Settings
-from nadi.tick import Tick
-from streaming.replay_cli import replay, replay_to_kafka
+from nadi.tick import LiveTick, Tick
 from tests.kafka_util import create_topic, read_all
 from tests.rest_util import Row, random_rows, seed
 
@@ -71,7 +70,7 @@ def as_key(t: LiveTick) -> tuple[int, int, int]:
 
 
 async def collect(engine: ReplayEngine, *args: object, **kw: object) -> list[LiveTick]:
-    return [t async for t in engine.stream(*args, **kw)]  # type: ignore[arg-type]
+    return [t async for b in engine.batches(*args, **kw) for t in b]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 5000])
@@ -142,8 +141,8 @@ async def test_speed_paces_by_exchange_time(pool: asyncpg.Pool, migrated: Settin
     for speed, span in ((4.0, 0.2), (1.0, 0.8)):
         t0 = time.monotonic()
         seen: list[tuple[float, int]] = []
-        async for t in engine.stream([tok], base, end, speed=speed):
-            seen.append((time.monotonic() - t0, t.exchange_ts))
+        async for batch in engine.batches([tok], base, end, speed=speed):
+            seen.extend((time.monotonic() - t0, t.exchange_ts) for t in batch)
         elapsed = time.monotonic() - t0
         assert len(seen) == 41
         assert span * 0.9 <= elapsed <= span + 0.25, (speed, elapsed)

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nadi.sequence import LATE, OK, RECOVERED, STALE, classify
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import NS
 
 BASE = 1_795_500_000 * NS
 

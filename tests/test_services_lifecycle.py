@@ -30,7 +30,7 @@ def _nadi(
     env: dict[str, str], *args: str, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nadi", *args],
+        [sys.executable, "-m", "command", *args],
         env=env,
         capture_output=True,
         text=True,

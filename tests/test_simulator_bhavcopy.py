@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nadi.calendar import IST
 from nadi.instruments import bundled_instruments, round_to_tick
-from nadi.tick import NS
+from nadi.times import IST, NS
 from streaming.simulator.bhavcopy import COLUMNS, bhavcopy_rows, write_bhavcopy
 from streaming.simulator.feed import FeedSimulator
 from streaming.simulator.generator import DayGenerator
@@ -35,7 +34,7 @@ def test_rows_match_the_generated_ticks_including_dropped_ones() -> None:
         r = rows[str(inst.exchange_token)]
         prices = [t.last_price for t in ticks]
         qty = [t.last_qty or 0 for t in ticks]
-        tail = [(t.last_price, t.last_qty or 0) for t in ticks if t.exchange_ts_ns >= win]
+        tail = [(t.last_price, t.last_qty or 0) for t in ticks if t.exchange_ts >= win]
         assert tail, "the last half hour always trades here"
         vwap = sum(p * q for p, q in tail) / sum(q for _, q in tail)
         assert float(r["ClsPric"]) == pytest.approx(round_to_tick(vwap, inst.tick_size), abs=1e-9)

@@ -42,7 +42,7 @@ def test_every_tick_on_both_feeds_b_slightly_later() -> None:
         assert m.tick is not None
         assert m.key == str(m.tick.instrument_token).encode()
         assert m.value == encode(m.tick, m.feed)
-        assert codec.decode(m.value, m.key, now_ns=m.tick.exchange_ts_ns) == Tick(
+        assert codec.decode(m.value, m.key, now_ns=m.tick.exchange_ts) == Tick(
             **{**{f: getattr(m.tick, f) for f in Tick.__struct_fields__}, "feed": m.feed}
         )
     assert feed.stats.sent == {"A": len(ticks), "B": len(ticks)}
@@ -105,7 +105,7 @@ def test_every_bad_kind_is_produced_and_rejected_for_its_reason() -> None:
     bad = [m for m in msgs if m.bad_kind is not None]
     assert {m.bad_kind for m in bad} == set(BadKind)
     assert sum(feed.stats.bad.values()) == len(bad) and feed.stats.bad[BadKind.OVERSIZED.value] > 0
-    now = ticks[-1].exchange_ts_ns + 1_000_000_000  # a consumer reading just after the feed
+    now = ticks[-1].exchange_ts + 1_000_000_000  # a consumer reading just after the feed
     for m in bad:
         assert m.tick is None and m.feed == "A" and m.bad_kind is not None
         with pytest.raises(Rejected) as e:
@@ -130,7 +130,7 @@ def test_each_bad_kind_alone(kind: BadKind) -> None:
     t = Tick(408065, 9, 1_795_146_303_242_043_198, 1550.1, "NSE", 3, 30, None, 1550.0, 1550.2, 5, 6)
     key, value = make_bad(kind, t)
     with pytest.raises(Rejected) as e:
-        codec.decode(value, key, now_ns=t.exchange_ts_ns)
+        codec.decode(value, key, now_ns=t.exchange_ts)
     assert e.value.reason == EXPECTED_REASON[kind]
     assert (key == b"408065") == (kind is not BadKind.KEY_MISMATCH)
 

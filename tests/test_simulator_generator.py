@@ -8,9 +8,10 @@ from datetime import date, datetime
 
 import pytest
 
-from nadi.calendar import IST, ist_date, ist_midnight_ns, session_bounds_ns
+from nadi.calendar import session_bounds_ns
 from nadi.instruments import Instrument, bundled_instruments
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import IST, NS, ist_date, ist_midnight_ns
 from streaming.simulator.generator import BLOCK, DayGenerator
 
 DAY = date(2026, 11, 20)
@@ -64,13 +65,13 @@ def test_tick_fields_are_realistic() -> None:
     g = _gen()
     ticks = list(g.stream())
     open_ns, close_ns = session_bounds_ns(DAY)
-    assert [t.exchange_ts_ns for t in ticks] == sorted(t.exchange_ts_ns for t in ticks)
+    assert [t.exchange_ts for t in ticks] == sorted(t.exchange_ts for t in ticks)
     insts = {i.instrument_token: i for i in SMALL}
     for tok, ts in _by_token(ticks).items():
         inst = insts[tok]
         vol = 0
         for t in ts:
-            assert open_ns <= t.exchange_ts_ns < close_ns
+            assert open_ns <= t.exchange_ts < close_ns
             assert t.exchange == inst.exchange
             for p in (t.last_price, t.bid, t.ask):
                 assert p is not None and p > 0
@@ -113,7 +114,7 @@ def _minute_of_session(ts_ns: int) -> float:
 
 def test_intraday_intensity_is_u_shaped() -> None:
     ticks = list(_gen(density=3.0).stream())
-    m = [_minute_of_session(t.exchange_ts_ns) for t in ticks]
+    m = [_minute_of_session(t.exchange_ts) for t in ticks]
     first = sum(1 for x in m if x < 30)
     midday = sum(1 for x in m if 180 <= x < 210)  # 12:15-12:45
     last = sum(1 for x in m if x >= 345)
@@ -127,16 +128,16 @@ def test_live_mode_is_flat_anchored_and_ends_at_ist_midnight() -> None:
     g = DayGenerator(SMALL, 3, mode="live", anchor_ns=anchor, rate=500.0)
     assert g.trading_day == ist_date(anchor)
     ticks = list(g.stream(until_ns=anchor + 20 * NS))
-    assert ticks[0].exchange_ts_ns >= anchor and ticks[-1].exchange_ts_ns < anchor + 20 * NS
+    assert ticks[0].exchange_ts >= anchor and ticks[-1].exchange_ts < anchor + 20 * NS
     assert 0.85 * 10_000 < len(ticks) < 1.15 * 10_000  # 500/s for 20 s
-    first = sum(1 for t in ticks if t.exchange_ts_ns < anchor + 10 * NS)
+    first = sum(1 for t in ticks if t.exchange_ts < anchor + 10 * NS)
     assert 0.85 < first / (len(ticks) - first) < 1.15  # flat, not U-shaped
     # anchored 30 s before IST midnight: the day's stream stops at midnight
     midnight = ist_midnight_ns(date(2026, 11, 21))
     late = DayGenerator(SMALL, 3, mode="live", anchor_ns=midnight - 30 * NS, rate=200.0)
     assert late.trading_day == date(2026, 11, 20)
     rest = list(late.stream())
-    assert 0.8 * 6000 < len(rest) < 1.2 * 6000 and rest[-1].exchange_ts_ns < midnight
+    assert 0.8 * 6000 < len(rest) < 1.2 * 6000 and rest[-1].exchange_ts < midnight
     tok = rest[0].instrument_token
     assert late.ticks(tok, 1, 10**6) == [t for t in rest if t.instrument_token == tok]
 
@@ -157,4 +158,4 @@ def test_instrument_set_is_part_of_the_generator_identity() -> None:
     rel = [i for i in SMALL if i.tradingsymbol == "RELIANCE"]
     alone = DayGenerator(rel, 7, DAY, density=5.0).ticks(rel[0].instrument_token, 1, 50)
     assert alone != _gen().ticks(rel[0].instrument_token, 1, 50)
-    assert datetime.fromtimestamp(alone[0].exchange_ts_ns / NS, IST).hour == 9
+    assert datetime.fromtimestamp(alone[0].exchange_ts / NS, IST).hour == 9

@@ -141,7 +141,7 @@ async def test_duplicate_tick_is_absorbed(pg: asyncpg.Connection) -> None:
 
 def test_services_status_reports_all_running(migrated: Settings) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "nadi", "services", "status", "--json"],
+        [sys.executable, "-m", "command", "services", "status", "--json"],
         capture_output=True,
         text=True,
         check=False,

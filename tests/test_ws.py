@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from api.ws.hub import Hub
 from nadi.ring import RingWriter
 from nadi.settings import Settings
-from nadi.tick import NS
+from nadi.times import NS
 from tests.feedgen import msg, tick
 from tests.kafka_util import produce, wait_caught_up
 from tests.processor_util import private_settings, redis_keys, reset_state, running_worker

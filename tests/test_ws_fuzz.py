@@ -41,7 +41,7 @@ from websockets.sync.client import connect as sync_connect
 
 from api.ws.hub import Hub
 from nadi.settings import Settings
-from nadi.tick import NS
+from nadi.times import NS
 from tests.processor_util import reset_state
 from tests.ws_util import LiveFeed, Received, send, serving, ws_connect
 

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from nadi.redis_keys import RedisKeys
 from nadi.settings import Settings
-from nadi.tick import NS
+from nadi.times import NS
 from tests.processor_util import reset_state
 from tests.ws_util import (
     LiveFeed,

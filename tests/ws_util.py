@@ -150,9 +150,7 @@ async def store_history(
     for tok in tokens:
         for q in seqs:
             t = tick(tok, q, ts_of(base_ns, q))
-            when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
-                microseconds=t.exchange_ts_ns // 1000
-            )
+            when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=t.exchange_ts // 1000)
             rows.append((tok, when, q, t.last_price, t.last_qty, t.volume, t.bid, t.ask,
                          t.bid_qty, t.ask_qty, "OK", t.feed))  # fmt: skip
     await pg.copy_records_to_table(

@@ -37,19 +37,19 @@ hold ticks after ``end`` when ``end`` is not on the grid).
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Annotated
 
 import asyncpg
 import msgspec
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from api.auth import Scope, scoped
 from api.rest.deps import Pool
-from api.rest.models import CandleSeries, ErrorOut, Interval
-from api.rest.params import TimeRange, TokenQuery, ensure_known, time_range
-from nadi.replay import to_datetime_us, to_epoch_us
+from api.rest.models import CandleSeries, Interval
+from api.rest.params import ERRORS, TokenQuery, Window, ensure_known
+from nadi.times import IST_OFFSET_S, ordinal_date, to_datetime_us, to_epoch_us
 
 router = APIRouter(tags=["candles"])
 
@@ -145,7 +145,7 @@ _encode = msgspec.json.Encoder().encode
 
 @lru_cache(maxsize=4096)
 def _ist_date(day: int) -> str:
-    return (date(1970, 1, 1) + timedelta(days=day)).isoformat() + "T"
+    return ordinal_date(day).isoformat() + "T"
 
 
 _HHMM = tuple(f"{m // 60:02d}:{m % 60:02d}:00+05:30" for m in range(1440))
@@ -154,7 +154,7 @@ _HHMM = tuple(f"{m // 60:02d}:{m % 60:02d}:00+05:30" for m in range(1440))
 def ist_minute(epoch_s: int) -> str:
     """Epoch seconds (on a whole minute) -> ISO-8601 in IST, e.g. 2025-01-06T09:15:00+05:30.
     Two cached pieces: this runs once per candle, thousands of times per request."""
-    day, sec = divmod(epoch_s + 19_800, 86_400)
+    day, sec = divmod(epoch_s + IST_OFFSET_S, 86_400)
     return _ist_date(day) + _HHMM[sec // 60]
 
 
@@ -196,14 +196,14 @@ def raw_ranges(
 @router.get(
     "/candles",
     response_model=CandleSeries,
-    responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses=ERRORS,
     summary="OHLCV candles (1m, 5m, 15m, 1h, 1d), refreshed or not",
     **scoped(Scope.READ),
 )
 async def get_candles(
     pool: Pool,
     instrument_token: TokenQuery,
-    rng: Annotated[TimeRange, Depends(time_range)],
+    rng: Window,
     interval: Annotated[Interval, Query(description="candle length", examples=["1m"])] = "1m",
 ) -> Response:
     lo, hi = grid_range(interval, rng.start, rng.end)

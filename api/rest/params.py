@@ -17,10 +17,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated
 
 import asyncpg
-from fastapi import HTTPException, Query, status
+from fastapi import Depends, HTTPException, Query, status
 from pydantic import Field
 
-from nadi.replay import to_datetime_us, to_epoch_us
+from api.rest.models import ErrorOut
+from nadi.times import EPOCH, to_datetime_us, to_epoch_us
 
 IST = timezone(timedelta(hours=5, minutes=30), "IST")
 
@@ -36,7 +37,7 @@ _ISO = re.compile(
 TIME_EXAMPLE = "2025-01-06T09:15:00+05:30"
 # Times the API accepts, UTC: wide enough for any market history, narrow enough that grid
 # arithmetic (a day either side) never leaves datetime's or PostgreSQL's range.
-MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_TIME = EPOCH
 MAX_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 INT64_MAX = 2**63 - 1  # bigint: instrument tokens, sequence ids
 
@@ -110,26 +111,16 @@ EndQuery = Annotated[
     ),
 ]
 _INT64 = {"format": "int64"}
-TokenQuery = Annotated[
-    int,
-    Query(
-        gt=0,
-        le=INT64_MAX,
-        description="instrument token (Kite-style)",
-        examples=[738561],
-        json_schema_extra=_INT64,
-    ),
-]
-OptionalTokenQuery = Annotated[
-    int | None,
-    Query(
-        gt=0,
-        le=INT64_MAX,
-        description="only this instrument token",
-        examples=[738561],
-        json_schema_extra=_INT64,
-    ),
-]
+
+
+def _token(description: str) -> object:
+    return Query(
+        gt=0, le=INT64_MAX, description=description, examples=[738561], json_schema_extra=_INT64
+    )
+
+
+TokenQuery = Annotated[int, _token("instrument token (Kite-style)")]
+OptionalTokenQuery = Annotated[int | None, _token("only this instrument token")]
 Token = Annotated[int, Field(gt=0, le=INT64_MAX, json_schema_extra=_INT64)]
 """An instrument token inside a list parameter."""
 
@@ -146,6 +137,11 @@ def time_range(start: StartQuery, end: EndQuery) -> TimeRange:
     if s >= e:
         raise _unprocessable(f"start ({iso(s)}) must be before end ({iso(e)})")
     return TimeRange(s, e)
+
+
+# What a time-range route takes and how it fails (the error bodies in the OpenAPI document).
+Window = Annotated[TimeRange, Depends(time_range)]
+ERRORS: dict[int | str, dict[str, object]] = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}}
 
 
 _CURSOR = struct.Struct(">qq")  # exchange_ts (epoch µs), sequence_id

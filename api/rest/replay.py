@@ -1,7 +1,7 @@
 """``GET /v1/replay``: stored ticks of one or more instruments as an NDJSON stream, merged in
 exchange-time order, at a chosen speed (nadi.replay.ReplayEngine).
 
-Each line is one tick in the live/ring form (:class:`nadi.ring.LiveTick`): the wire fields with
+Each line is one tick in the live/ring form (:class:`nadi.tick.LiveTick`): the wire fields with
 ``exchange_ts`` in UTC epoch nanoseconds, plus ``status`` — the same objects the WebSocket and
 ``nadi replay`` emit, so a client can feed a replay through the code that handles live ticks.
 """
@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from api.auth import Scope, scoped
 from api.rest.deps import Pool
 from api.rest.models import ErrorOut
-from api.rest.params import TimeRange, Token, ensure_known, time_range
+from api.rest.params import Token, Window, ensure_known
 from nadi.replay import ReplayEngine
 from nadi.settings import Settings
 
@@ -62,7 +62,7 @@ async def replay(
             examples=[[738561]],
         ),
     ],
-    rng: Annotated[TimeRange, Depends(time_range)],
+    rng: Window,
     speed: Annotated[
         float,
         Query(

@@ -5,21 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from api.auth import Scope, scoped
 from api.rest.deps import Pool
-from api.rest.models import ErrorOut, TickPage
+from api.rest.models import TickPage
 from api.rest.params import (
+    ERRORS,
     CursorQuery,
-    TimeRange,
     TokenQuery,
+    Window,
     cursor_after,
     decode_cursor,
     ensure_known,
     iso,
-    time_range,
 )
+from nadi.tick import TICK_MEASURES
 
 router = APIRouter(tags=["ticks"])
 
@@ -35,20 +36,20 @@ WHERE instrument_token = $1
 ORDER BY exchange_ts, sequence_id
 LIMIT $6
 """
-_FIELDS = ("last_price", "last_qty", "volume", "oi", "bid", "ask", "bid_qty", "ask_qty")
+_FIELDS = TICK_MEASURES
 
 
 @router.get(
     "/ticks",
     response_model=TickPage,
-    responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses=ERRORS,
     summary="Stored ticks of one instrument, oldest first, paginated",
     **scoped(Scope.READ),
 )
 async def get_ticks(
     pool: Pool,
     instrument_token: TokenQuery,
-    rng: Annotated[TimeRange, Depends(time_range)],
+    rng: Window,
     limit: Annotated[int, Query(ge=1, le=10_000, description="ticks per page")] = 1000,
     cursor: CursorQuery = None,
 ) -> Response:

@@ -74,8 +74,9 @@ from api.ws import protocol
 from api.ws.connection import Subscription
 from api.ws.hub import Entries, parse_offset
 from nadi.redis_keys import RedisKeys
-from nadi.replay import BATCH_TICKS, ReplayEngine, to_datetime_us, to_epoch_us
-from nadi.ring import LiveTick
+from nadi.replay import BATCH_TICKS, ReplayEngine
+from nadi.tick import LiveTick
+from nadi.times import to_datetime_us, to_epoch_us
 
 PAGE = 500  # ring entries per XRANGE (and per catch-up page sent)
 DB_PAGE = BATCH_TICKS  # rows per database page: one keyset query per ReplayEngine batch

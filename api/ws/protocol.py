@@ -26,11 +26,11 @@ those with an ISO-8601 ``since``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 import msgspec
 
-from nadi.ring import LiveTick
+from nadi.tick import LiveTick
 
 # Instrument tokens are stored as bigint: anything outside 1..2**63-1 is no instrument.
 Token = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
@@ -57,6 +57,7 @@ class Auth(msgspec.Struct, tag_field="op", tag="auth", forbid_unknown_fields=Fal
 ClientMessage = Subscribe | Unsubscribe | Ping | Auth
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)
+_OPS = frozenset(t.__struct_config__.tag for t in get_args(ClientMessage))
 
 
 class ProtocolError(Exception):
@@ -77,16 +78,14 @@ def decode_client(data: bytes | str) -> ClientMessage:
         message: ClientMessage = _client_decoder.decode(data)
         return message
     except msgspec.ValidationError as e:
-        text = str(e)
         try:  # the typed decoder stops at the first mismatch: is the rest JSON at all?
-            msgspec.json.decode(data)
+            obj = msgspec.json.decode(data)
         except (msgspec.DecodeError, RecursionError):
             raise ProtocolError("bad_json", "not JSON (or nested too deeply)") from None
-        if "`$.op`" in text or "missing required field `op`" in text:
-            return_code = "unknown_op"
-        else:
-            return_code = "bad_message"
-        raise ProtocolError(return_code, text) from None
+        op = obj.get("op") if isinstance(obj, dict) else None
+        known = isinstance(op, str) and op in _OPS
+        code = "unknown_op" if isinstance(obj, dict) and not known else "bad_message"
+        raise ProtocolError(code, str(e)) from None
     except msgspec.DecodeError as e:
         raise ProtocolError("bad_json", str(e)) from None
     except RecursionError:

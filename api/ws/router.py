@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import time
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, WebSocket
@@ -51,7 +52,8 @@ router = APIRouter()
 
 AUTH_TIMEOUT_S = 5.0  # a client without an Authorization header must authenticate this fast
 CLOSE_TIMEOUT_S = 1.0  # a close frame that cannot be written this fast is abandoned
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# Package data (the built live page); a real directory in a checkout and in an installed wheel.
+STATIC_DIR = Path(str(resources.files("api").joinpath("static"))).resolve()
 
 
 def origin_allowed(settings: Settings, origin: str | None, host: str | None) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 
+from bench import common
 from bench.faults.stack import FaultStack
 from bench.faults.stream import Stream, generate
 from nadi.kafka_admin import group_offsets
@@ -59,17 +59,8 @@ def nadi_script() -> str:
 
 
 def service_env(s: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "NADI_PG_DSN": s.pg_dsn,
-        "NADI_REDIS_URL": s.redis_url,
-        "NADI_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "NADI_TOPIC_TICKS": s.topic_ticks,
-        "NADI_TOPIC_DLQ": s.topic_dlq,
-        "NADI_GROUP_ID": s.group_id,
-        "NADI_HOME": str(s.home),
-        "NADI_METRICS_PORT": "0",
-    }
+    """A worker's environment (bench.common.worker_env) that also finds the local services."""
+    return {**common.worker_env(s), "NADI_HOME": str(s.home)}
 
 
 class Workers:

@@ -68,6 +68,18 @@ class Ports:
     api: int = 18080  # `nadi api` of the API row
 
 
+def _sigkill(what: str, pidfile: Path) -> None:
+    """SIGKILL the service of ``pidfile`` and wait (30 s at most) until it is gone."""
+    pid = read_pid(pidfile)
+    assert pid is not None, f"the fault stack's {what} is not running"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while read_pid(pidfile) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} pid {pid} survived SIGKILL")
+        time.sleep(0.05)
+
+
 class FaultStack:
     """Owns the private services; rows start and stop them through it."""
 
@@ -158,15 +170,19 @@ class FaultStack:
     def _admin_dsn(self, db: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.ports.pg}/{db}"
 
+    async def _recreate(self, name: str) -> None:
+        """Drop (forcing out any session) and create the database ``name``, empty."""
+        conn = await asyncpg.connect(self._admin_dsn())
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
     async def _template(self) -> None:
         """A migrated template database, made once per start: each row's database is a copy
         of it (a file copy, not a migration run)."""
-        conn = await asyncpg.connect(self._admin_dsn())
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-        finally:
-            await conn.close()
+        await self._recreate(TEMPLATE)
         tpl = self.settings.model_copy(update={"pg_dsn": self._admin_dsn(TEMPLATE)})
         await run_migrations(tpl)
         conn = await asyncpg.connect(self._admin_dsn())
@@ -236,14 +252,7 @@ class FaultStack:
 
     # -- faults on the services -------------------------------------------------------------
     def kill_kafka(self) -> None:
-        pid = read_pid(self.kafka.pidfile)
-        assert pid is not None, "the fault stack's Kafka is not running"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while read_pid(self.kafka.pidfile) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Kafka pid {pid} survived SIGKILL")
-            time.sleep(0.05)
+        _sigkill("Kafka", self.kafka.pidfile)
 
     def start_kafka(self) -> None:
         self.kafka.start()
@@ -255,13 +264,7 @@ class FaultStack:
 
     def kill_redis(self) -> None:
         """SIGKILL: no final snapshot (what the disk holds is what comes back)."""
-        pid = self.redis_pid()
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while read_pid(self.redis.pidfile) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis pid {pid} survived SIGKILL")
-            time.sleep(0.05)
+        _sigkill("Redis", self.redis.pidfile)
         self.redis.pidfile.unlink(missing_ok=True)
 
     @property
@@ -278,12 +281,7 @@ class FaultStack:
 
     async def pg_restore(self, dump: Path) -> None:
         """Replace the row database by the dump (TimescaleDB's pre/post restore protocol)."""
-        conn = await asyncpg.connect(self._admin_dsn())
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{DB}"')
-        finally:
-            await conn.close()
+        await self._recreate(DB)
         conn = await asyncpg.connect(self._admin_dsn(DB))
         try:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")

@@ -21,12 +21,11 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from zoneinfo import ZoneInfo
 
 from nadi.codec import encode
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import IST, NS
 
-IST = ZoneInfo("Asia/Kolkata")
 TOKENS = (738561, 408065, 2953217, 341249, 1270529, 779521, 424961, 2714625, 60417, 225537)
 OK, STALE, RECOVERED = "OK", "STALE", "RECOVERED"
 Key = tuple[int, int]  # (instrument_token, sequence_id)
@@ -73,7 +72,7 @@ def _tick(token: int, seq: int, ts_ns: int, rng: random.Random) -> Tick:
     price = round(100 + rng.random() * 5, 2)
     qty = rng.randint(1, 50)
     return Tick(
-        instrument_token=token, sequence_id=seq, exchange_ts_ns=ts_ns, last_price=price,
+        instrument_token=token, sequence_id=seq, exchange_ts=ts_ns, last_price=price,
         exchange="NSE", last_qty=qty, volume=seq * qty, bid=round(price - 0.05, 2),
         ask=round(price + 0.05, 2), bid_qty=10, ask_qty=12, feed="A",
     )  # fmt: skip
@@ -103,7 +102,7 @@ def generate(
 
     def send(t: Tick, i: int, status: str) -> None:
         key = (t.instrument_token, t.sequence_id)
-        out.expected[key] = (t.exchange_ts_ns // 1000, status)
+        out.expected[key] = (t.exchange_ts // 1000, status)
         k = str(t.instrument_token).encode()
         out.messages.append((k, encode(t, "A")))
         if rng.random() < dup_rate:
@@ -144,7 +143,7 @@ def generate(
             out.bad.add(value)
             out.messages.append((str(token).encode(), value))
     for t, _ in held.values():  # nothing came after it: just in order
-        out.expected[(t.instrument_token, t.sequence_id)] = (t.exchange_ts_ns // 1000, OK)
+        out.expected[(t.instrument_token, t.sequence_id)] = (t.exchange_ts // 1000, OK)
         out.messages.append((str(t.instrument_token).encode(), encode(t, "A")))
     out.messages.extend(m for _, m in pending_b)
     return out

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import asyncpg
@@ -35,7 +37,8 @@ import asyncpg
 from nadi.logs import get_logger
 from nadi.settings import Settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "dbt_or_sql"
+# Package data: the same in a checkout and in an installed wheel.
+MIGRATIONS: Traversable = resources.files("dbt_or_sql")
 _LOCK_KEY = 0x4E414449  # "NADI"
 _NAME = re.compile(
     r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+?)(?:\.(?P<variant>apache|timescale))?\.sql$"
@@ -53,7 +56,7 @@ class Migration:
     version: str
     name: str
     variant: str | None
-    path: Path
+    path: Traversable
 
     @property
     def sql(self) -> str:
@@ -76,9 +79,10 @@ class Migration:
             raise MigrationError(f"{self.path.name}: {e}") from None
 
 
-def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def discover(directory: Traversable | Path = MIGRATIONS) -> list[Migration]:
     found = []
-    for p in sorted(directory.glob("*.sql")):
+    sql = (p for p in directory.iterdir() if p.name.endswith(".sql"))
+    for p in sorted(sql, key=lambda p: p.name):
         m = _NAME.match(p.name)
         if not m:
             raise ValueError(
@@ -227,7 +231,9 @@ CREATE TABLE IF NOT EXISTS schema_migration_progress (
 """
 
 
-async def run_migrations(settings: Settings, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def run_migrations(
+    settings: Settings, directory: Traversable | Path = MIGRATIONS
+) -> list[str]:
     """Apply what is missing; returns the versions applied by this call (empty: a no-op).
 
     Raises :class:`MigrationError` when an applied file was edited or is missing.
@@ -275,7 +281,7 @@ async def _verify_applied(conn: asyncpg.Connection, migrations: list[Migration])
         m = files.get((r["version"], r["variant"]))
         if m is None or m.name != r["name"]:
             raise MigrationError(
-                f"migration {filename} is recorded as applied but is not in {MIGRATIONS_DIR.name}/"
+                f"migration {filename} is recorded as applied but is not in dbt_or_sql/"
                 " any more (the database is newer than this code, or a file was renamed)"
             )
         if m.checksum != r["checksum"]:

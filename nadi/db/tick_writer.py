@@ -13,9 +13,9 @@ from datetime import date
 import asyncpg
 
 from nadi.sequence import Gap
-from nadi.tick import Tick
+from nadi.tick import TICK_MEASURES, Tick
+from nadi.times import date_ordinal, ordinal_date
 
-_EPOCH_DAY = 719_163  # date(1970, 1, 1).toordinal()
 Key = tuple[int, int]  # (instrument_token, trading day ordinal since 1970-01-01)
 
 
@@ -25,21 +25,8 @@ class StateMoved(Exception):
 
 
 TICK_STAGE_COLUMNS = (
-    "instrument_token",
-    "ts_us",
-    "sequence_id",
-    "last_price",
-    "last_qty",
-    "volume",
-    "oi",
-    "bid",
-    "ask",
-    "bid_qty",
-    "ask_qty",
-    "status",
-    "feed",
-    "trading_day",
-)
+    "instrument_token", "ts_us", "sequence_id", *TICK_MEASURES, "status", "feed", "trading_day",
+)  # fmt: skip
 GAP_STAGE_COLUMNS = ("instrument_token", "trading_day", "from_seq", "to_seq")
 
 CREATE_STAGES = """
@@ -112,10 +99,6 @@ LEFT JOIN ingest_state s ON s.instrument_token = k.token AND s.trading_day = k.d
 """
 
 
-def _day(ordinal_since_epoch: int) -> date:
-    return date.fromordinal(_EPOCH_DAY + ordinal_since_epoch)
-
-
 async def load_state(
     db: asyncpg.Pool | asyncpg.Connection, keys: Sequence[Key]
 ) -> dict[Key, int | None]:
@@ -124,8 +107,8 @@ async def load_state(
     (written by another path than nadi_ingest_staged)."""
     if not keys:
         return {}
-    rows = await db.fetch(_LOAD_STATE, [k[0] for k in keys], [_day(k[1]) for k in keys])
-    return {(token, day.toordinal() - _EPOCH_DAY): last for token, day, last in rows}
+    rows = await db.fetch(_LOAD_STATE, [k[0] for k in keys], [ordinal_date(k[1]) for k in keys])
+    return {(token, date_ordinal(day)): last for token, day, last in rows}
 
 
 async def write_batch(
@@ -146,11 +129,11 @@ async def write_batch(
     for t, d, status in zip(ticks, day_ordinals, statuses, strict=True):
         day = days.get(d)
         if day is None:
-            day = days[d] = _day(d)
+            day = days[d] = ordinal_date(d)
         records.append(
             (
                 t.instrument_token,
-                t.exchange_ts_ns // 1000,
+                t.exchange_ts // 1000,
                 t.sequence_id,
                 t.last_price,
                 t.last_qty,
@@ -170,7 +153,7 @@ async def write_batch(
         if gaps:
             await conn.copy_records_to_table(
                 "gap_stage",
-                records=[(g.token, _day(g.day), g.from_seq, g.to_seq) for g in gaps],
+                records=[(g.token, ordinal_date(g.day), g.from_seq, g.to_seq) for g in gaps],
                 columns=GAP_STAGE_COLUMNS,
             )
         exp = expected or {}
@@ -179,7 +162,7 @@ async def write_batch(
                 "SELECT * FROM nadi_ingest_staged($1, $2, $3, $4)",
                 mark_dirty,
                 [k[0] for k in exp],
-                [_day(k[1]) for k in exp],
+                [ordinal_date(k[1]) for k in exp],
                 list(exp.values()),
             )
         except asyncpg.PostgresError as e:
@@ -194,7 +177,7 @@ async def write_batch(
                 [ticks[i].instrument_token for i in late_idx],
                 [days[day_ordinals[i]] for i in late_idx],
                 [ticks[i].sequence_id for i in late_idx],
-                [ticks[i].exchange_ts_ns // 1000 for i in late_idx],
+                [ticks[i].exchange_ts // 1000 for i in late_idx],
             )
             late = tuple(LateOutcome(bool(r[0]), r[1] or "OK") for r in rows)
     assert row is not None

@@ -31,14 +31,14 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     RetryPolicy,
-    asset,
     multi_asset,
 )
 from pydantic import Field
 
-from pipelines.assets.storage import POLICY_RETRY, ticks
+from nadi.times import day_bounds
+from pipelines.assets.storage import policy_asset, ticks
 from pipelines.checks import CandleCheckOutcome, candle_check_specs, check_candles_day
-from pipelines.partitions import day_bounds, key_to_day, trading_days
+from pipelines.partitions import key_to_day, trading_days
 from pipelines.resources import TimescaleResource, candle_mode, run_async
 
 GROUP = "aggregates"
@@ -276,12 +276,9 @@ async def refresh_marked(conn: asyncpg.Connection, until: datetime) -> dict[str,
     }
 
 
-@asset(
-    name="candle_refresh_policy",
+@policy_asset(
     group_name=GROUP,
-    deps=[ticks],
-    kinds={"timescaledb"},
-    retry_policy=POLICY_RETRY,
+    name="candle_refresh_policy",
     description=(
         "The candle refresh policy, run by Dagster on both editions: refreshes `candles_1m` and "
         "`candles_5m` over every window marked since its last refresh that started before the "

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from datetime import time as dtime
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -36,15 +37,15 @@ from dagster import (
 )
 from pydantic import Field
 
-from nadi.calendar import IST, today_ist
+from nadi.calendar import today_ist
 from nadi.db.tick_writer import write_batch
 from nadi.instruments import round_to_tick
 from nadi.redis_keys import RedisKeys
 from nadi.ring import NEW_LATE, RingWriter
-from nadi.tick import NS
+from nadi.times import IST, NS, day_bounds
 from pipelines.assets.storage import ticks
 from pipelines.checks import EOD_CHECK, GAPS_CHECK, gaps_check_result
-from pipelines.partitions import day_bounds, key_to_day, trading_days
+from pipelines.partitions import key_to_day, trading_days
 from pipelines.resources import (
     RecoverySourceResource,
     RedisResource,
@@ -142,7 +143,7 @@ async def _repair_one(
         good = [
             t for t in got
             if t.instrument_token == token and t.sequence_id in want
-            and lo_ns <= t.exchange_ts_ns < hi_ns
+            and lo_ns <= t.exchange_ts < hi_ns
         ]  # fmt: skip
         out.fetched = len(good)
         if good:
@@ -267,13 +268,20 @@ def gap_repair_metadata(outcomes: list[GapOutcome], elapsed_ms: float) -> dict[s
     }
 
 
-@asset(
+# The decorator of a quality asset of one trading day: partitioned by day, backfilled ten days
+# a run. Each gives its ``nadi/kind`` op tag (the queued coordinator's limits key on it).
+daily_asset = partial(
+    asset,
     group_name=GROUP,
-    deps=[ticks],
     partitions_def=trading_days,
-    kinds={"timescaledb", "http"},
-    op_tags={"nadi/kind": "gap_repair"},
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
+)
+
+
+@daily_asset(
+    op_tags={"nadi/kind": "gap_repair"},
+    deps=[ticks],
+    kinds={"timescaledb", "http"},
     check_specs=[
         AssetCheckSpec(
             GAPS_CHECK,
@@ -596,13 +604,10 @@ async def reconcile_day(
     return rows, timings
 
 
-@asset(
-    group_name=GROUP,
-    deps=[ticks, "gap_repair"],
-    partitions_def=trading_days,
-    kinds={"polars", "timescaledb"},
+@daily_asset(
     op_tags={"nadi/kind": "eod"},
-    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
+    deps=[ticks, "gap_repair"],
+    kinds={"polars", "timescaledb"},
     check_specs=[
         AssetCheckSpec(
             EOD_CHECK,

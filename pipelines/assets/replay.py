@@ -62,8 +62,7 @@ def parse_range(cfg: ReplayConfig) -> tuple[datetime, datetime]:
 async def _replay(db: TimescaleResource, kafka: KafkaResource, cfg: ReplayConfig) -> dict[str, Any]:
     # Imported here: the serving side owns these modules, and the code location must load
     # (every other asset must work) even where they are not installed.
-    from nadi.replay import ReplayEngine
-    from streaming.replay_cli import replay_to_kafka
+    from nadi.replay import ReplayEngine, replay_to_kafka
 
     start, end = parse_range(cfg)
     topic = cfg.topic or kafka.replay_topic

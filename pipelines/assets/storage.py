@@ -31,8 +31,9 @@ replays read (replays record observations of the partitions they read).
 # decorated functions' annotations at definition time.
 
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -405,11 +406,27 @@ async def drop_old_chunks(conn: asyncpg.Connection, retention_days: int) -> dict
     return out
 
 
-@asset(
+# The decorator of a policy asset (retention, compression, candle refresh): after ``ticks``,
+# on TimescaleDB, retried like the other policies.
+policy_asset = partial(asset, deps=[ticks], kinds={"timescaledb"}, retry_policy=POLICY_RETRY)
+
+
+def run_policy(
+    timescale: TimescaleResource,
+    step: Callable[[asyncpg.Connection, int], Awaitable[dict[str, Any]]],
+    days: int,
+) -> dict[str, Any]:
+    """``step(conn, days)`` on a maintenance connection, from a synchronous asset body."""
+
+    async def go() -> dict[str, Any]:
+        async with timescale.connect() as conn:
+            return await step(conn, days)
+
+    return run_async(go())
+
+
+@policy_asset(
     group_name=GROUP,
-    deps=[ticks],
-    kinds={"timescaledb"},
-    retry_policy=POLICY_RETRY,
     description=(
         "Retention of `ticks`: drops the chunks older than the horizon (`NADI_RETENTION_DAYS`, "
         "0 keeps all history) with `drop_chunks`, on both editions. Records chunks and rows "
@@ -421,11 +438,7 @@ def ticks_retention(
 ) -> MaterializeResult[None]:
     days = int(_or_setting(config.retention_days, "retention_days"))
 
-    async def go() -> dict[str, Any]:
-        async with timescale.connect() as conn:
-            return await drop_old_chunks(conn, days)
-
-    r = run_async(go())
+    r = run_policy(timescale, drop_old_chunks, days)
     return MaterializeResult(
         metadata={
             "retention": f"{days} d" if days else "keep all",
@@ -477,11 +490,8 @@ async def compress_old_chunks(conn: asyncpg.Connection, after_days: int) -> dict
     return out
 
 
-@asset(
+@policy_asset(
     group_name=GROUP,
-    deps=[ticks],
-    kinds={"timescaledb"},
-    retry_policy=POLICY_RETRY,
     description=(
         "Compression of `ticks` (Timescale license): compresses the chunks older than "
         "`NADI_COMPRESS_AFTER_DAYS`, segmented by instrument and ordered by "
@@ -494,11 +504,7 @@ def ticks_compression(
 ) -> MaterializeResult[None]:
     days = int(_or_setting(config.compress_after_days, "compress_after_days"))
 
-    async def go() -> dict[str, Any]:
-        async with timescale.connect() as conn:
-            return await compress_old_chunks(conn, days)
-
-    r = run_async(go())
+    r = run_policy(timescale, compress_old_chunks, days)
     md: dict[str, Any] = {
         "license": r["license"],
         "compression": r["compression"],

@@ -30,15 +30,15 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from nadi import metrics
 from nadi.codec import Rejected, TickCodec
 from nadi.db.tick_writer import Key, WriteResult, load_state, write_batch
 from nadi.logs import get_logger
 from nadi.ring import AHEAD, BEHIND, IN_ORDER, IN_ORDER_STATUSES, NEW_LATE, STORED_LATE, RingWriter
 from nadi.sequence import LATE, Gap, classify
 from nadi.settings import Settings
-from nadi.tick import IST_OFFSET_S, NS, Tick
-from streaming.processor import dlq
+from nadi.tick import Tick
+from nadi.times import IST_OFFSET_S, NS
+from streaming.processor import dlq, metrics
 
 log = get_logger(__name__)
 _DUP_MEMORY = metrics.DUPLICATES.labels(stage="memory")
@@ -377,7 +377,7 @@ class BatchProcessor:
         cur, prev = recent.current, recent.previous
         dups = 0
         for t in ticks:
-            day = (t.exchange_ts_ns // NS + IST_OFFSET_S) // 86_400  # trading_day_ordinal, inlined
+            day = (t.exchange_ts // NS + IST_OFFSET_S) // 86_400  # trading_day_ordinal, inlined
             k = (((t.instrument_token << 20) | day) << 64) | t.sequence_id
             seen = cur.get(k) or prev.get(k)
             if seen is not None:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from nadi import metrics
 from nadi.codec import Rejected
+from streaming.processor import metrics
 
 
 def dlq_headers(

@@ -26,8 +26,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from nadi import metrics
 from nadi.logs import get_logger
+from streaming.processor import metrics
 from streaming.processor.group_commit import GroupCommit, Part
 
 log = get_logger(__name__)

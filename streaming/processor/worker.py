@@ -35,14 +35,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import start_http_server
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
-from nadi import metrics
 from nadi.codec import Rejected
 from nadi.db.pool import create_pool
 from nadi.db.tick_writer import StateMoved, WriteResult, init_connection
 from nadi.logs import get_logger
-from nadi.redis_keys import DATABASES, RedisKeys
+from nadi.redis_keys import DATABASES, LEGACY_LIVE, RedisKeys
 from nadi.ring import RingWriter
 from nadi.settings import Settings
+from streaming.processor import metrics
 from streaming.processor.batch import BatchProcessor, DbPart, Prepared, Record, RingPart, Stale
 from streaming.processor.crash import CrashPoints
 from streaming.processor.sinks import Abandoned, Flow, Sink
@@ -445,7 +445,7 @@ class MarketDataProcessor:
             members = await client.smembers(DATABASES)
             names = {m.decode() if isinstance(m, bytes) else m for m in members}
             others = sorted(names - {keys.db_id})
-            legacy = await client.exists("nadi:live")
+            legacy = await client.exists(LEGACY_LIVE)
         except Exception as e:  # Redis down at start-up: the sinks will retry; not fatal
             log.warning("could not check Redis for other databases' state", error=repr(e)[:200])
             return

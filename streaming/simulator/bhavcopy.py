@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nadi.calendar import IST
+from nadi import recovery
 from nadi.instruments import Instrument, round_to_tick
-from nadi.tick import NS
+from nadi.times import IST, NS
 from streaming.simulator.generator import DayGenerator
 
 COLUMNS = (
@@ -33,8 +33,8 @@ CLOSE_WINDOW_START = time(15, 0)
 
 
 def bhavcopy_filename(generator: DayGenerator) -> str:
-    """NSE's name for the day's file (``BhavCopy_NSE_CM_0_0_0_YYYYMMDD_F_0000.csv``)."""
-    return f"BhavCopy_NSE_CM_0_0_0_{generator.trading_day:%Y%m%d}_F_0000.csv"
+    """NSE's name for the generator's day's file."""
+    return recovery.bhavcopy_filename(generator.trading_day)
 
 
 def _fin_type(inst: Instrument) -> str:

@@ -1,6 +1,6 @@
 """``nadi simulate`` and ``nadi instruments load``: typer-compatible command functions.
 
-Registered in ``nadi/cli.py`` as ``app.command("simulate")(simulate)``. Prints one JSON summary
+Mounted by ``command/main.py`` as ``app.command("simulate")(simulate)``. Prints one JSON summary
 line on stdout at the end (also after Ctrl-C or SIGTERM); progress and warnings go to stderr.
 """
 
@@ -21,10 +21,10 @@ from typing import Annotated
 
 import typer
 
-from nadi.calendar import is_trading_day, ist_date
+from nadi.calendar import is_trading_day
 from nadi.instruments import Instrument, bundled_instruments, load_kite_csv, upsert_instruments
 from nadi.settings import get_settings
-from nadi.tick import NS
+from nadi.times import NS, ist_date
 from streaming.simulator.bhavcopy import write_bhavcopy
 from streaming.simulator.feed import FeedSimulator, FeedStats
 from streaming.simulator.generator import DEFAULT_DENSITY, DEFAULT_RATE, DayGenerator

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import msgspec
 
 from nadi.codec import Reason, encode
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import NS
 
 
 class BadKind(StrEnum):
@@ -113,7 +114,7 @@ class FeedStats:
 
 
 def _wire_dict(tick: Tick) -> dict[str, object]:
-    d: dict[str, object] = msgspec.to_builtins(tick.to_wire("A"))
+    d: dict[str, object] = msgspec.to_builtins(msgspec.structs.replace(tick, feed="A"))
     return d
 
 
@@ -144,14 +145,14 @@ def make_bad(kind: BadKind, tick: Tick) -> tuple[bytes, bytes]:
     elif kind is BadKind.NEGATIVE_SEQUENCE:
         d["sequence_id"] = -1
     elif kind is BadKind.ISO_NO_OFFSET:
-        naive = datetime.fromtimestamp(tick.exchange_ts_ns / NS, UTC).replace(tzinfo=None)
+        naive = datetime.fromtimestamp(tick.exchange_ts / NS, UTC).replace(tzinfo=None)
         d["exchange_ts"] = naive.isoformat()
     elif kind is BadKind.UNPARSEABLE_TS:
         d["exchange_ts"] = "yesterday 10:15"
     elif kind is BadKind.FUTURE_TS:
-        d["exchange_ts"] = tick.exchange_ts_ns + 3650 * _DAY_NS  # ten years ahead
+        d["exchange_ts"] = tick.exchange_ts + 3650 * _DAY_NS  # ten years ahead
     elif kind is BadKind.EXPIRED_TS:
-        d["exchange_ts"] = tick.exchange_ts_ns - 30 * _DAY_NS  # a month old
+        d["exchange_ts"] = tick.exchange_ts - 30 * _DAY_NS  # a month old
     elif kind is BadKind.OVERSIZED:
         d["padding"] = "x" * 5000
     elif kind is BadKind.BAD_UTF8:

@@ -22,15 +22,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from nadi.calendar import (
-    SESSION_SECONDS,
-    is_trading_day,
-    ist_date,
-    ist_midnight_ns,
-    session_bounds_ns,
-)
+from nadi.calendar import SESSION_SECONDS, is_trading_day, session_bounds_ns
 from nadi.instruments import Instrument
-from nadi.tick import NS, Tick
+from nadi.tick import Tick
+from nadi.times import NS, ist_date, ist_midnight_ns
 
 BLOCK = 2048
 DEFAULT_DENSITY = 20.0  # session mode: ticks per exchange-second, all instruments together
@@ -383,7 +378,7 @@ class DayGenerator:
             order = np.lexsort((np.concatenate(toks), np.concatenate(keys))).tolist()
             for i in order:
                 t = pieces[i]
-                if (until_ns is not None and t.exchange_ts_ns >= until_ns) or (
+                if (until_ns is not None and t.exchange_ts >= until_ns) or (
                     max_ticks is not None and n >= max_ticks
                 ):
                     return

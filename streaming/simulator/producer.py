@@ -107,7 +107,7 @@ class TickProducer:
             if t is not None and m.feed == "A":
                 ticks += 1
                 if pace_by_exchange_ts:
-                    ahead = t.exchange_ts_ns - clock()
+                    ahead = t.exchange_ts - clock()
                     if ahead > 1_000_000:  # sleep only when >1 ms early: sleeping is coarse
                         self._p.poll(0)
                         time.sleep(ahead / 1e9)

@@ -1,4 +1,4 @@
-"""The simulator's retransmission (recovery) server and its client.
+"""The simulator's retransmission (recovery) server (the client is :mod:`nadi.recovery`).
 
 Like an exchange's recovery server: ask for a sequence range of one instrument on one trading
 day and get those ticks again. The server regenerates them from the seed, so they are exactly
@@ -18,18 +18,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import date
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from nadi.calendar import is_trading_day
-from nadi.codec import TickCodec, encode
+from nadi.codec import encode
 from nadi.instruments import Instrument, bundled_instruments
-from nadi.tick import Tick
-from streaming.simulator.bhavcopy import bhavcopy_csv, bhavcopy_filename
+from nadi.recovery import MAX_RANGE, bhavcopy_filename
+from streaming.simulator.bhavcopy import bhavcopy_csv
 from streaming.simulator.generator import DEFAULT_DENSITY, DayGenerator
 
-MAX_RANGE = 100_000
 InstrumentSource = Sequence[Instrument] | Callable[[date], Sequence[Instrument]]
 
 
@@ -140,7 +138,7 @@ def create_recovery_app(
         ticks = gen.ticks(token, lo, hi)
         if gen.mode == "live":  # what has not been sent yet cannot be retransmitted
             now = time.time_ns()
-            ticks = [t for t in ticks if t.exchange_ts_ns <= now]
+            ticks = [t for t in ticks if t.exchange_ts <= now]
         body = b"".join(encode(t) + b"\n" for t in ticks)
         return Response(body, media_type="application/x-ndjson")
 
@@ -157,7 +155,9 @@ def create_recovery_app(
         return PlainTextResponse(
             bhavcopy_csv(gen),
             media_type="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{bhavcopy_filename(gen)}"'},
+            headers={
+                "Content-Disposition": f'attachment; filename="{bhavcopy_filename(gen.trading_day)}"'
+            },
         )
 
     @app.get("/healthz")
@@ -165,44 +165,3 @@ def create_recovery_app(
         return {"status": "ok"}
 
     return app
-
-
-# Retransmitted ticks may be days old: only the wire format is checked, not the age window.
-_codec = TickCodec(max_future_skew_s=1e12, max_age_s=1e12)
-
-
-async def fetch_retransmission(
-    base_url: str,
-    token: int,
-    day: date,
-    from_seq: int,
-    to_seq: int,
-    *,
-    client: httpx.AsyncClient | None = None,
-    chunk: int = MAX_RANGE,
-    timeout_s: float = 30.0,
-) -> list[Tick]:
-    """Ticks ``from_seq..to_seq`` of ``token`` on ``day`` from a recovery server.
-
-    Splits the range into server-sized chunks; raises ``httpx.HTTPStatusError`` on 4xx/5xx.
-    """
-    own = client is None
-    c = client or httpx.AsyncClient(timeout=timeout_s)
-    url = f"{base_url.rstrip('/')}/v1/retransmit"
-    out: list[Tick] = []
-    try:
-        lo = from_seq
-        while lo <= to_seq:
-            hi = min(to_seq, lo + chunk - 1)
-            r = await c.get(
-                url,
-                params={"instrument_token": token, "trading_day": day.isoformat(),
-                        "from_seq": lo, "to_seq": hi},
-            )  # fmt: skip
-            r.raise_for_status()
-            out.extend(_codec.decode(line) for line in r.content.splitlines() if line)
-            lo = hi + 1
-    finally:
-        if own:
-            await c.aclose()
-    return out

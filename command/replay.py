@@ -1,6 +1,6 @@
 """``nadi replay``: stored ticks of a range to stdout (NDJSON) or to a Kafka topic.
 
-Stdout lines are :class:`nadi.ring.LiveTick` JSON (``exchange_ts`` in UTC epoch ns, with
+Stdout lines are :class:`nadi.tick.LiveTick` JSON (``exchange_ts`` in UTC epoch ns, with
 ``status``). Kafka messages are the tick wire format v1 (DESIGN.md section 4, byte-identical to
 ``nadi.codec.encode``) keyed by the instrument token's ASCII digits, so a replay topic can be
 consumed by anything that reads ``ticks.raw``.
@@ -16,94 +16,12 @@ from typing import Annotated
 
 import msgspec
 import typer
-from confluent_kafka import KafkaError, Message, Producer
 
 from nadi.db.pool import create_pool
-from nadi.replay import ReplayEngine
-from nadi.ring import LiveTick
+from nadi.replay import ReplayEngine, replay_to_kafka
 from nadi.settings import get_settings
-from nadi.tick import WireTick
 
 _encode = msgspec.json.Encoder().encode
-
-
-def wire_bytes(t: LiveTick) -> bytes:
-    """The wire JSON of a replayed tick (what ``nadi.codec.encode`` gives for the same tick)."""
-    return _encode(
-        WireTick(
-            instrument_token=t.instrument_token,
-            sequence_id=t.sequence_id,
-            exchange_ts=t.exchange_ts,
-            last_price=t.last_price,
-            exchange=t.exchange,  # type: ignore[arg-type]
-            last_qty=t.last_qty,
-            volume=t.volume,
-            oi=t.oi,
-            bid=t.bid,
-            ask=t.ask,
-            bid_qty=t.bid_qty,
-            ask_qty=t.ask_qty,
-            feed=t.feed,
-        )
-    )
-
-
-async def replay_to_kafka(
-    engine: ReplayEngine,
-    tokens: Sequence[int],
-    start: datetime,
-    end: datetime,
-    topic: str,
-    bootstrap: str,
-    speed: float = 0.0,
-) -> int:
-    """Produce the replay to ``topic``; returns the number of messages delivered.
-
-    Raises RuntimeError if any message failed delivery (after librdkafka's own retries), so a
-    Dagster run fails instead of reporting a partial replay as done. Idempotent producer: a
-    broker retry never duplicates a message; a re-run of the whole replay does.
-    """
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 20,
-            "batch.num.messages": 10_000,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 500_000,
-        }
-    )
-    failed: list[str] = []
-    delivered = 0
-
-    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-        nonlocal delivered
-        if err is not None:
-            failed.append(str(err))
-        else:
-            delivered += 1
-
-    async for batch in engine.batches(tokens, start, end, speed=speed):
-        for t in batch:
-            value = wire_bytes(t)
-            key = str(t.instrument_token).encode()
-            while True:
-                try:
-                    producer.produce(topic, value, key, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    # Local queue full: let librdkafka drain without blocking the event loop.
-                    producer.poll(0)
-                    await asyncio.sleep(0.005)
-        producer.poll(0)
-    remaining = await asyncio.to_thread(producer.flush, 60.0)
-    if failed or remaining:
-        raise RuntimeError(
-            f"replay to {topic}: {len(failed)} failed, {remaining} undelivered "
-            f"(first error: {failed[0] if failed else 'flush timeout'})"
-        )
-    return delivered
 
 
 async def replay_to_stdout(

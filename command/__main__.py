@@ -1,0 +1,3 @@
+from command.main import main
+
+main()

@@ -1,3 +1,0 @@
-from nadi.cli import main
-
-main()

@@ -1,0 +1,85 @@
+"""The client of a retransmission (recovery) service: a sequence range of one instrument on
+one trading day, and the day's bhavcopy (NSE's end-of-day file).
+
+The simulator serves both (``streaming.simulator.recovery``); the pipelines' gap repair and
+reconciliation call them through here. ``GET /v1/retransmit`` returns NDJSON wire ticks,
+``GET /v1/bhavcopy`` the day's CSV (404: none).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+from nadi.codec import TickCodec
+from nadi.tick import Tick
+
+MAX_RANGE = 100_000  # sequence ids per retransmission request (the server refuses more)
+
+
+def bhavcopy_filename(day: date) -> str:
+    """NSE's name for the day's file (``BhavCopy_NSE_CM_0_0_0_YYYYMMDD_F_0000.csv``)."""
+    return f"BhavCopy_NSE_CM_0_0_0_{day:%Y%m%d}_F_0000.csv"
+
+
+# Retransmitted ticks may be days old: only the wire format is checked, not the age window.
+_codec = TickCodec(max_future_skew_s=1e12, max_age_s=1e12)
+
+
+async def fetch_retransmission(
+    base_url: str,
+    token: int,
+    day: date,
+    from_seq: int,
+    to_seq: int,
+    *,
+    client: httpx.AsyncClient | None = None,
+    chunk: int = MAX_RANGE,
+    timeout_s: float = 30.0,
+) -> list[Tick]:
+    """Ticks ``from_seq..to_seq`` of ``token`` on ``day`` from a recovery server.
+
+    Splits the range into server-sized chunks; raises ``httpx.HTTPStatusError`` on 4xx/5xx.
+    """
+    own = client is None
+    c = client or httpx.AsyncClient(timeout=timeout_s)
+    url = f"{base_url.rstrip('/')}/v1/retransmit"
+    out: list[Tick] = []
+    try:
+        lo = from_seq
+        while lo <= to_seq:
+            hi = min(to_seq, lo + chunk - 1)
+            r = await c.get(
+                url,
+                params={"instrument_token": token, "trading_day": day.isoformat(),
+                        "from_seq": lo, "to_seq": hi},
+            )  # fmt: skip
+            r.raise_for_status()
+            out.extend(_codec.decode(line) for line in r.content.splitlines() if line)
+            lo = hi + 1
+    finally:
+        if own:
+            await c.aclose()
+    return out
+
+
+async def fetch_bhavcopy(
+    base_url: str, day: date, *, bhavcopy_dir: str = "", timeout_s: float = 30.0
+) -> str | None:
+    """The bhavcopy CSV of ``day``: from ``bhavcopy_dir`` if the file is there (where an
+    operator or ``nadi simulate --bhavcopy-dir`` drops it), else from the service; None when
+    the service has none (404). Raises ``httpx.HTTPStatusError`` on other errors."""
+    if bhavcopy_dir:
+        path = Path(bhavcopy_dir) / bhavcopy_filename(day)
+        if path.is_file():
+            return path.read_text("utf-8")
+    async with httpx.AsyncClient(timeout=timeout_s) as c:
+        r = await c.get(
+            f"{base_url.rstrip('/')}/v1/bhavcopy", params={"trading_day": day.isoformat()}
+        )
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.text
