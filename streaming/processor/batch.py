@@ -33,7 +33,16 @@ from aiokafka.structs import ConsumerRecord
 from nadi.codec import Rejected, TickCodec
 from nadi.db.tick_writer import Key, WriteResult, load_state, write_batch
 from nadi.logs import get_logger
-from nadi.ring import AHEAD, BEHIND, IN_ORDER, IN_ORDER_STATUSES, NEW_LATE, STORED_LATE, RingWriter
+from nadi.ring import (
+    AHEAD,
+    BEHIND,
+    IN_ORDER,
+    IN_ORDER_STATUSES,
+    NEW_LATE,
+    STORED_LATE,
+    RingCheck,
+    RingWriter,
+)
 from nadi.sequence import LATE, Gap, classify
 from nadi.settings import Settings
 from nadi.tick import Tick
@@ -264,15 +273,11 @@ class BatchProcessor:
                 )
                 metrics.RING_AHEAD.inc()
                 continue
-            reason = "ring_behind" if c.outcome == BEHIND else "ring_lost"
-            log.warning(
+            _ring_restarted(
+                c,
                 "redis state discarded: ring restarted after the database's last sequence",
-                reason=reason,
-                instrument_token=c.token,
-                day=c.day,
                 db_last=state.get((c.token, c.day)),
             )
-            metrics.REDIS_STATE_DISCARDED.labels(reason=reason).inc()
         return state
 
     async def publish_rejects(self, rejects: Sequence[tuple[Record, Rejected]]) -> None:
@@ -290,14 +295,7 @@ class BatchProcessor:
             [e for q in parts for e in q.expect],
         )
         for c in restarted:
-            reason = "ring_behind" if c.outcome == BEHIND else "ring_lost"
-            log.warning(
-                "redis lost ring state while the worker ran: ring restarted",
-                reason=reason,
-                instrument_token=c.token,
-                day=c.day,
-            )
-            metrics.REDIS_STATE_DISCARDED.labels(reason=reason).inc()
+            _ring_restarted(c, "redis lost ring state while the worker ran: ring restarted")
         out: list[list[str | None]] = []
         at = 0
         for q in parts:
@@ -403,3 +401,11 @@ class BatchProcessor:
             kept_feed=kept_feed,
             other_feed=dropped.feed,
         )
+
+
+def _ring_restarted(c: RingCheck, event: str, **extra: object) -> None:
+    """Log and count a ring that Redis lost or rolled back (behind the database or the
+    worker), restarted by the ring script; one place for both ways it is found."""
+    reason = "ring_behind" if c.outcome == BEHIND else "ring_lost"
+    log.warning(event, reason=reason, instrument_token=c.token, day=c.day, **extra)
+    metrics.REDIS_STATE_DISCARDED.labels(reason=reason).inc()
