@@ -37,7 +37,8 @@ from nadi.instruments import bundled_instruments, upsert_instruments
 from nadi.sequence import Gap
 from nadi.settings import Settings, get_settings
 from pipelines.assets.candles import candles
-from pipelines.assets.quality import eod_reconciliation, gap_repair
+from pipelines.assets.eod import eod_reconciliation
+from pipelines.assets.repair import gap_repair
 from pipelines.definitions import build_definitions
 from pipelines.partitions import partition_key
 from pipelines.resources import resources_from_settings

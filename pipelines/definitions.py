@@ -6,7 +6,8 @@ from dagster import Definitions
 
 from nadi.settings import Settings, get_settings
 from pipelines.assets.candles import candle_refresh_policy, candles
-from pipelines.assets.quality import eod_reconciliation, gap_repair
+from pipelines.assets.eod import eod_reconciliation
+from pipelines.assets.repair import gap_repair
 from pipelines.assets.replay import ticks_replay
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.jobs import all_jobs

@@ -20,7 +20,7 @@ from dagster import (
 from nadi.redis_keys import RedisKeys
 from nadi.ring import RingWriter
 from pipelines.assets.candles import refresh_day
-from pipelines.assets.quality import GapRepairConfig, gap_repair_metadata, repair_gaps
+from pipelines.assets.repair import GapRepairConfig, gap_repair_metadata, repair_gaps
 from pipelines.resources import (
     RecoverySourceResource,
     RedisResource,

@@ -14,8 +14,9 @@ of ``exchange_ts``), so code derives the day's bounds from the partition *key* w
 from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta
+from functools import partial
 
-from dagster import TimeWindowPartitionsDefinition
+from dagster import BackfillPolicy, TimeWindowPartitionsDefinition, asset
 
 from nadi.calendar import is_trading_day, today_ist
 
@@ -63,3 +64,14 @@ def partition_key(d: date) -> str:
 def key_to_day(key: str) -> date:
     """The trading day of a partition key."""
     return datetime.strptime(key, KEY_FORMAT).date()
+
+
+# The decorator of a quality asset of one trading day (gap repair, EOD reconciliation):
+# partitioned by day, backfilled ten days a run. Each gives its ``nadi/kind`` op tag (the queued
+# coordinator's limits key on it).
+quality_asset = partial(
+    asset,
+    group_name="quality",
+    partitions_def=trading_days,
+    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=10),
+)

@@ -21,7 +21,7 @@ from nadi.sequence import Gap
 from nadi.settings import Settings
 from nadi.tick import Tick
 from nadi.times import NS, trading_day_ordinal
-from pipelines.assets.quality import repair_gaps
+from pipelines.assets.repair import repair_gaps
 from pipelines.resources import RecoverySourceResource, TimescaleResource
 from tests.feedgen import tick
 from tests.processor_util import reset_state

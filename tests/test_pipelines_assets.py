@@ -28,7 +28,8 @@ from dagster import (
 
 from nadi.times import IST, day_bounds
 from pipelines.assets.candles import candle_refresh_policy, candles
-from pipelines.assets.quality import eod_reconciliation, gap_repair
+from pipelines.assets.eod import eod_reconciliation
+from pipelines.assets.repair import gap_repair
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.partitions import partition_key
 from pipelines.sensors import GAP_TAG, gap_repair_sensor
