@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from nadi.db.migrate import run_migrations
-from nadi.settings import Settings
+from nadi.settings import WORKER_FIELDS, Settings
 
 
 def bench_settings(base: Settings, name: str, partitions: int | None = None) -> Settings:
@@ -95,17 +94,7 @@ async def delete_topics(s: Settings, *names: str) -> None:
 
 
 def worker_env(s: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "NADI_PG_DSN": s.pg_dsn,
-        "NADI_REDIS_URL": s.redis_url,
-        "NADI_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "NADI_TOPIC_TICKS": s.topic_ticks,
-        "NADI_TOPIC_DLQ": s.topic_dlq,
-        "NADI_GROUP_ID": s.group_id,
-        "NADI_METRICS_PORT": "0",
-        "NADI_BATCH_MAX_RECORDS": str(s.batch_max_records),
-    }
+    return {**s.env(*WORKER_FIELDS), "NADI_METRICS_PORT": "0"}
 
 
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

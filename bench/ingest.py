@@ -17,6 +17,7 @@ from confluent_kafka import Producer
 from bench import common
 from nadi.codec import encode
 from nadi.kafka_admin import group_offsets
+from nadi.kafka_produce import produce_waiting
 from nadi.settings import Settings
 from nadi.tick import TICK_COLUMNS, Tick
 from nadi.times import EPOCH, NS
@@ -74,12 +75,7 @@ def fill_topic(s: Settings, ticks: list[Tick], dup_rate: float, seed: int = 2) -
     for t in ticks:
         key = str(t.instrument_token).encode()
         for feed in ("A", "B") if rng.random() < dup_rate else ("A",):
-            while True:
-                try:
-                    p.produce(s.topic_ticks, encode(t, feed), key)
-                    break
-                except BufferError:
-                    p.poll(0.01)
+            produce_waiting(p, s.topic_ticks, encode(t, feed), key, wait_s=0.01)
             n += 1
         if n % 20_000 == 0:
             p.poll(0)

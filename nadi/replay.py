@@ -28,6 +28,7 @@ import asyncpg
 from confluent_kafka import KafkaError, Message, Producer
 
 from nadi.codec import encode
+from nadi.kafka_produce import produce_waiting_async
 from nadi.tick import LiveTick
 from nadi.times import to_datetime_us, to_epoch_us
 
@@ -286,14 +287,7 @@ async def replay_to_kafka(
         for t in batch:
             value = encode(t)
             key = str(t.instrument_token).encode()
-            while True:
-                try:
-                    producer.produce(topic, value, key, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    # Local queue full: let librdkafka drain without blocking the event loop.
-                    producer.poll(0)
-                    await asyncio.sleep(0.005)
+            await produce_waiting_async(producer, topic, value, key, on_delivery)
         producer.poll(0)
     remaining = await asyncio.to_thread(producer.flush, 60.0)
     if failed or remaining:

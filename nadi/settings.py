@@ -6,6 +6,7 @@ One object reads the environment (and an optional ``.env``); nothing else in the
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -303,6 +304,27 @@ class Settings(BaseSettings):
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(self.api_key_scopes)
+
+    def env(self, *fields: str) -> dict[str, str]:
+        """This process's environment with ``NADI_<FIELD>`` set from each named field, so a
+        child process (a worker, the API) reads the same services and limits. A field that is
+        None is removed, so the child never inherits another value for it."""
+        out = dict(os.environ)
+        for name in fields:
+            key = f"NADI_{name.upper()}"
+            value = getattr(self, name)
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+
+# The fields a processor worker needs to join another process's pipeline (Settings.env).
+WORKER_FIELDS = (
+    "pg_dsn", "redis_url", "kafka_bootstrap", "topic_ticks", "topic_dlq", "group_id",
+    "batch_max_records",
+)  # fmt: skip
 
 
 def on_port(dsn: str, port: int) -> str:

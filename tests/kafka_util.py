@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from confluent_kafka import Producer
 
 from nadi.kafka_admin import group_offsets
+from nadi.kafka_produce import produce_waiting
 
 
 async def create_topic(bootstrap: str, prefix: str, partitions: int) -> str:
@@ -34,12 +35,7 @@ def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, b
     )
     n = 0
     for key, value in messages:
-        while True:
-            try:
-                p.produce(topic, value=value, key=key)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce_waiting(p, topic, value, key)
         n += 1
         if n % 10_000 == 0:
             p.poll(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 import uuid
@@ -14,7 +13,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from nadi.redis_keys import RedisKeys
-from nadi.settings import Settings
+from nadi.settings import WORKER_FIELDS, Settings
 from streaming.processor.worker import MarketDataProcessor
 from tests.kafka_util import create_topic
 
@@ -57,17 +56,7 @@ def spawn_worker(
 ) -> subprocess.Popen[bytes]:
     """A ``nadi process`` subprocess; ``fault`` ("<crash point>:<n>", see
     streaming/processor/crash.py) makes it SIGKILL itself there."""
-    env = {
-        **os.environ,
-        "NADI_PG_DSN": settings.pg_dsn,
-        "NADI_REDIS_URL": settings.redis_url,
-        "NADI_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "NADI_TOPIC_TICKS": settings.topic_ticks,
-        "NADI_TOPIC_DLQ": settings.topic_dlq,
-        "NADI_GROUP_ID": settings.group_id,
-        "NADI_METRICS_PORT": "0",
-        "NADI_BATCH_MAX_RECORDS": str(settings.batch_max_records),
-    }
+    env = {**settings.env(*WORKER_FIELDS), "NADI_METRICS_PORT": "0"}
     env.pop("NADI_FAULT", None)
     if fault is not None:
         env["NADI_FAULT"] = fault

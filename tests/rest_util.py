@@ -4,7 +4,6 @@ as a real `nadi api` process."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 import sys
@@ -117,15 +116,7 @@ async def api_process(
 ) -> AsyncIterator[str]:
     """``nadi api`` (the real command: uvicorn, the API's own database role) on ``port`` with
     the environment of ``settings``; yields its base URL once /healthz answers."""
-    env = {
-        **os.environ,
-        "NADI_PG_DSN": settings.pg_dsn,
-        "NADI_REDIS_URL": settings.redis_url,
-        "NADI_METRICS_PORT": "0",
-    }
-    env.pop("NADI_API_KEYS", None)
-    if settings.api_keys:
-        env["NADI_API_KEYS"] = settings.api_keys
+    env = {**settings.env("pg_dsn", "redis_url", "api_keys"), "NADI_METRICS_PORT": "0"}
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "command", "api", "--host", "127.0.0.1", "--port", str(port),

@@ -80,24 +80,13 @@ async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
 
 def api_env(settings: Settings) -> dict[str, str]:
     """Environment for an API subprocess reading the same services as ``settings``."""
-    import os
-
-    return {
-        **os.environ,
-        "NADI_PG_DSN": settings.pg_dsn,
-        "NADI_REDIS_URL": settings.redis_url,
-        "NADI_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "NADI_ALLOWED_ORIGINS": settings.allowed_origins,
-        "NADI_MAX_FUTURE_SKEW": str(settings.max_future_skew_s),
-        # Every WebSocket setting, so the subprocess runs with the test's limits.
-        **{
-            f"NADI_{name.upper()}": str(getattr(settings, name))
-            for name in Settings.model_fields
-            if name.startswith("ws_")
-        },
-        "NADI_METRICS_PORT": "0",
-        **({"NADI_API_KEYS": settings.api_keys} if settings.api_keys else {}),
-    }
+    # Every WebSocket setting too, so the subprocess runs with the test's limits.
+    ws_fields = [name for name in Settings.model_fields if name.startswith("ws_")]
+    env = settings.env(
+        "pg_dsn", "redis_url", "kafka_bootstrap", "allowed_origins", "max_future_skew_s",
+        "api_keys", *ws_fields,
+    )  # fmt: skip
+    return {**env, "NADI_METRICS_PORT": "0"}
 
 
 async def spawn_api(settings: Settings, port: int, log: str) -> asyncio.subprocess.Process:

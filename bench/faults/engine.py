@@ -44,6 +44,7 @@ from bench import common
 from bench.faults.stack import FaultStack
 from bench.faults.stream import Stream, generate
 from nadi.kafka_admin import group_offsets
+from nadi.kafka_produce import produce_waiting
 from nadi.redis_keys import RedisKeys
 from nadi.settings import Settings
 
@@ -164,17 +165,7 @@ class PacedProducer:
         try:
             for i in range(0, len(self.messages), chunk):
                 for key, value in self.messages[i : i + chunk]:
-                    while True:
-                        try:
-                            p.produce(
-                                self.s.topic_ticks,
-                                value=value,
-                                key=key,
-                                on_delivery=self._on_delivery,
-                            )
-                            break
-                        except BufferError:
-                            p.poll(0.05)
+                    produce_waiting(p, self.s.topic_ticks, value, key, self._on_delivery)
                 p.poll(0)
                 # Pacing (the load's rate), not synchronisation.
                 due = t0 + self.seconds * (i + chunk) / len(self.messages)
@@ -479,9 +470,8 @@ async def ring_figures(
     per_token: dict[int, list[int]] = {}
     for token, seq in stored:
         per_token.setdefault(token, []).append(seq)
-    r = aioredis.from_url(s.redis_url)
     dups = not_tail = entries = short = 0
-    try:
+    async with aioredis.from_url(s.redis_url) as r:
         for token, seqs in per_token.items():
             seqs.sort()
             got: Any = await r.xrange(ring_key(token))
@@ -492,8 +482,6 @@ async def ring_figures(
             if not uniq or uniq != seqs[-len(uniq) :]:
                 not_tail += 1
             short += max(0, min(len(seqs), s.ring_maxlen) - len(uniq))
-    finally:
-        await r.aclose()
     return {
         "ring_entries": entries,
         "ring_duplicates": dups,

@@ -414,15 +414,18 @@ policy_asset = partial(asset, deps=[ticks], kinds={"timescaledb"}, retry_policy=
 def run_policy(
     timescale: TimescaleResource,
     step: Callable[[asyncpg.Connection, int], Awaitable[dict[str, Any]]],
-    days: int,
-) -> dict[str, Any]:
-    """``step(conn, days)`` on a maintenance connection, from a synchronous asset body."""
+    days: int | None,
+    setting: str,
+) -> tuple[int, dict[str, Any]]:
+    """``step(conn, days)`` on a maintenance connection, from a synchronous asset body;
+    ``days`` None takes the setting of that name. Returns the days used and the step's result."""
+    n = int(_or_setting(days, setting))
 
     async def go() -> dict[str, Any]:
         async with timescale.connect() as conn:
-            return await step(conn, days)
+            return await step(conn, n)
 
-    return run_async(go())
+    return n, run_async(go())
 
 
 @policy_asset(
@@ -436,9 +439,7 @@ def run_policy(
 def ticks_retention(
     config: RetentionConfig, timescale: TimescaleResource
 ) -> MaterializeResult[None]:
-    days = int(_or_setting(config.retention_days, "retention_days"))
-
-    r = run_policy(timescale, drop_old_chunks, days)
+    days, r = run_policy(timescale, drop_old_chunks, config.retention_days, "retention_days")
     return MaterializeResult(
         metadata={
             "retention": f"{days} d" if days else "keep all",
@@ -502,9 +503,9 @@ async def compress_old_chunks(conn: asyncpg.Connection, after_days: int) -> dict
 def ticks_compression(
     config: CompressionConfig, timescale: TimescaleResource
 ) -> MaterializeResult[None]:
-    days = int(_or_setting(config.compress_after_days, "compress_after_days"))
-
-    r = run_policy(timescale, compress_old_chunks, days)
+    _, r = run_policy(
+        timescale, compress_old_chunks, config.compress_after_days, "compress_after_days"
+    )
     md: dict[str, Any] = {
         "license": r["license"],
         "compression": r["compression"],

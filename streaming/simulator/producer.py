@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from nadi.kafka_produce import produce_waiting
 from streaming.simulator.feed import FeedMessage
 
 PRODUCER_CONFIG: dict[str, str | int | bool] = {
@@ -74,12 +75,7 @@ class TickProducer:
 
     def produce(self, key: bytes, value: bytes) -> None:
         """Queue one record; waits for room when librdkafka's queue is full."""
-        while True:
-            try:
-                self._p.produce(self.topic, value, key, on_delivery=self._on_delivery)
-                break
-            except BufferError:
-                self._p.poll(0.05)  # serve delivery reports, which frees queue space
+        produce_waiting(self._p, self.topic, value, key, self._on_delivery)
         self.stats.produced += 1
         if self.stats.produced % 1000 == 0:
             self._p.poll(0)
