@@ -5,7 +5,6 @@ no-transaction file that failed half way."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -35,11 +34,8 @@ async def toy_db(settings: Settings) -> Settings:
 
 
 async def _fetch(s: Settings, sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(s.pg_dsn)
-    try:
-        return list(await conn.fetch(sql))
-    finally:
-        await conn.close()
+    async with asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=1) as pool:
+        return list(await pool.fetch(sql))
 
 
 async def test_nadi_migrate_twice_on_each_edition(empty_db: Settings) -> None:
@@ -56,7 +52,7 @@ async def test_nadi_migrate_twice_on_each_edition(empty_db: Settings) -> None:
     mode = (await _fetch(s, "SELECT mode FROM candle_mode"))[0][0]
     assert mode == ("rollup" if license_ == "apache" else "continuous_aggregate")
     # The second run, through the CLI as a user runs it, applies nothing.
-    env = {**os.environ, "NADI_PG_DSN": s.pg_dsn, "PYTHONPATH": str(REPO)}
+    env = {**s.env("pg_dsn"), "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-m", "command", "migrate"], env=env, capture_output=True, text=True,
         timeout=120, check=True,
