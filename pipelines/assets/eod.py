@@ -23,7 +23,7 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
 )
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from nadi import eod
 from nadi.bhavcopy import SEGMENTS, BhavcopyError, BhavcopyRow, Segment, parse_bhavcopy
@@ -50,10 +50,21 @@ class EodConfig(Config):
         description="require one tick per exchange trade (true for the simulator's feed; a real "
         "feed's snapshots are not 1:1 with TtlNbOfTxsExctd)",
     )
-    segments: list[Segment] = Field(
+    # str, not the Segment literal: Dagster's config types have no Literal.
+    segments: list[str] = Field(
         default_factory=lambda: list(SEGMENTS),
         description="which files to reconcile: CM (cash) and FO (equity derivatives)",
     )
+
+    @field_validator("segments")
+    @classmethod
+    def _known_segments(cls, v: list[str]) -> list[str]:
+        if not v or not set(v) <= set(SEGMENTS):
+            raise ValueError(f"segments: one or more of {list(SEGMENTS)}")
+        return v
+
+    def segment_list(self) -> list[Segment]:
+        return [s for s in SEGMENTS if s in self.segments]
 
     def tolerances(self) -> eod.Tolerances:
         return eod.Tolerances(
@@ -88,7 +99,7 @@ async def reconcile_day(
     """Load, compare and store the day's reconciliation: the outcome, the files read, timings."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    rows, origins = await _bhavcopy(source, day, cfg.segments)
+    rows, origins = await _bhavcopy(source, day, cfg.segment_list())
     timings["load_bhavcopy_ms"] = round((time.perf_counter() - t) * 1000, 1)
     async with db.connect() as conn:
         t = time.perf_counter()
