@@ -218,15 +218,22 @@ def _diff(out: dict[str, Diff], name: str, exch: float | int | None, nadi: float
         out[name] = Diff(exch, nadi, round(d, 4) if isinstance(d, float) else d)
 
 
+Scope = Literal["master", "ticked"]
+
+
 def reconcile(
     day: date,
     bhavcopy: Iterable[BhavcopyRow],
     nadi: dict[int, NadiSummary],
     instruments: Sequence[MasterEntry],
     tol: Tolerances,
+    scope: Scope = "master",
 ) -> Outcome:
     """The day's verdicts: each bhavcopy row of a tracked instrument and each instrument Nadi
-    stored ticks (or gaps) for. Pure: no I/O, no clock."""
+    stored ticks (or gaps) for. Tracked: in the master (``scope="master"``: the master is what
+    Nadi subscribes to, so a listed instrument without ticks is missing in Nadi), or only what
+    Nadi has ticks or gaps for (``"ticked"``: a master far larger than the subscription, such as
+    Kite's whole file). Pure: no I/O, no clock."""
     by_exch = {(m.exchange, m.exchange_token): m for m in instruments}
     by_token = {m.instrument_token: m for m in instruments}
     untracked: dict[str, int] = {}
@@ -241,7 +248,7 @@ def reconcile(
             if m is not None
             else b.fin_instrm_id * 256 + _KITE_SEGMENT_CODE[exchange]
         )
-        if m is None and tok not in nadi:
+        if tok not in nadi and (m is None or scope == "ticked"):
             untracked[b.sgmt] = untracked.get(b.sgmt, 0) + 1
             continue
         if tok in rows:  # the master maps two exchange tokens to one of its instruments

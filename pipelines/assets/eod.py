@@ -50,9 +50,15 @@ class EodConfig(Config):
         description="require one tick per exchange trade (true for the simulator's feed; a real "
         "feed's snapshots are not 1:1 with TtlNbOfTxsExctd)",
     )
+    scope: str = Field(
+        "master",
+        description="which bhavcopy rows must be in Nadi: 'master' (every instrument of the "
+        "master the file lists) or 'ticked' (only those Nadi stored ticks or gaps for that day; "
+        "for a master much larger than the subscription)",
+    )
     # str, not the Segment literal: Dagster's config types have no Literal.
     segments: list[str] = Field(
-        default_factory=lambda: list(SEGMENTS),
+        default_factory=lambda: [str(s) for s in SEGMENTS],
         description="which files to reconcile: CM (cash) and FO (equity derivatives)",
     )
 
@@ -62,6 +68,16 @@ class EodConfig(Config):
         if not v or not set(v) <= set(SEGMENTS):
             raise ValueError(f"segments: one or more of {list(SEGMENTS)}")
         return v
+
+    @field_validator("scope")
+    @classmethod
+    def _known_scope(cls, v: str) -> str:
+        if v not in ("master", "ticked"):
+            raise ValueError("scope: 'master' or 'ticked'")
+        return v
+
+    def scope_value(self) -> eod.Scope:
+        return "ticked" if self.scope == "ticked" else "master"
 
     def segment_list(self) -> list[Segment]:
         return [s for s in SEGMENTS if s in self.segments]
@@ -107,7 +123,7 @@ async def reconcile_day(
         instruments = await eod.master(conn)
         timings["query_ticks_ms"] = round((time.perf_counter() - t) * 1000, 1)
         t = time.perf_counter()
-        outcome = eod.reconcile(day, rows, nadi, instruments, cfg.tolerances())
+        outcome = eod.reconcile(day, rows, nadi, instruments, cfg.tolerances(), cfg.scope_value())
         timings["compare_ms"] = round((time.perf_counter() - t) * 1000, 1)
         t = time.perf_counter()
         await eod.store(conn, outcome)
