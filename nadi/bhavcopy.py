@@ -65,7 +65,7 @@ class BhavcopyError(ValueError):
     """A file that is not the UDiFF bhavcopy it should be (the message says why)."""
 
 
-class BhavcopyRow(msgspec.Struct, frozen=True, kw_only=True):
+class BhavcopyRow(msgspec.Struct, frozen=True):
     """One row of a UDiFF bhavcopy; field names are NSE's column names in snake case."""
 
     trad_dt: date
@@ -113,7 +113,6 @@ class BhavcopyRow(msgspec.Struct, frozen=True, kw_only=True):
 
 _FIELDS = BhavcopyRow.__struct_fields__
 assert len(_FIELDS) == len(COLUMNS)  # one field per column, in order
-_TO_FIELD = dict(zip(COLUMNS, _FIELDS, strict=True))
 
 
 def bhavcopy_filename(segment: Segment, day: date) -> str:
@@ -197,8 +196,8 @@ def parse_bhavcopy(
         raise BhavcopyError(
             f"{name}: FinInstrmId repeated on several rows: {sorted(dup)[:10]} (it is the key)"
         )
-    renamed = frame.rename(_TO_FIELD)
-    return msgspec.convert(renamed.to_dicts(), list[BhavcopyRow])
+    # Column lists into positional structs: the values are typed and checked above already.
+    return [BhavcopyRow(*t) for t in zip(*(frame[c].to_list() for c in COLUMNS), strict=True)]
 
 
 def _fmt(v: object) -> str:
