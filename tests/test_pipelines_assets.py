@@ -14,6 +14,7 @@ import time as time_mod
 import uuid
 import zipfile
 from datetime import date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -37,6 +38,7 @@ from pipelines.assets.eod import eod_reconciliation
 from pipelines.assets.repair import gap_repair
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.partitions import partition_key
+from pipelines.resources import BhavcopySourceResource
 from pipelines.sensors import GAP_TAG, gap_repair_sensor
 from streaming.simulator.bhavcopy import bhavcopy_files, bhavcopy_rows, write_bhavcopy
 from tests import pipelines_env
@@ -591,6 +593,25 @@ def test_eod_reconciliation_refuses_a_file_of_another_day_or_format(market: Mark
                     "CLOSE,SETTLE_PR,CONTRACTS,VAL_INLAKH,OPEN_INT,CHG_IN_OI,TIMESTAMP\n")  # fmt: skip
     _, c = _refused(m, day, "FO", legacy.getvalue())
     assert not c.passed and "header is not NSE's 34-column UDiFF" in (c.description or "")
+
+
+def test_eod_reconciliation_fails_when_a_file_is_not_published(
+    market: Market, tmp_path: Path
+) -> None:
+    m = market
+    day = m.days[3]
+    # A URL where the recovery service has nothing (404), and an empty directory.
+    tpl = m.recovery_url + "/v1/bhavcopy/unpublished-{filename}"
+    res = {**m.resources(), "bhavcopy": BhavcopySourceResource(directory=str(tmp_path),
+                                                              url_template=tpl)}  # fmt: skip
+    r = materialize(
+        [eod_reconciliation], instance=m.instance, resources=res,
+        partition_key=partition_key(day), raise_on_error=False,
+    )  # fmt: skip
+    assert not r.success and not r.get_asset_materialization_events()
+    c = checks(r)[("eod_reconciliation", "matches_bhavcopy")]
+    assert not c.passed and f"no CM bhavcopy for {day}" in (c.description or "")
+    assert str(tmp_path) in (c.description or "") and tpl in (c.description or "")
 
 
 def test_eod_reconciliation_fails_naming_the_instrument_of_a_deleted_tick(market: Market) -> None:
