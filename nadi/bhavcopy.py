@@ -183,13 +183,13 @@ def parse_bhavcopy(
                                 f"(first value: {bad[0] if bad else None!r})") from None  # fmt: skip
         typed.append(s.alias(c))
     frame = pl.DataFrame(typed)
+    # A header-only file is zero rows (nothing traded): its instruments with ticks then show up
+    # as missing in the bhavcopy, so it cannot pass unnoticed.
     days = frame["TradDt"].unique().to_list()
-    if days != [day]:
-        raise BhavcopyError(
-            f"{name}: TradDt is {sorted(str(d) for d in days) or 'absent'}, not {day}"
-        )
+    if frame.height and days != [day]:
+        raise BhavcopyError(f"{name}: TradDt is {sorted(str(d) for d in days)}, not {day}")
     segs = frame["Sgmt"].unique().to_list()
-    if segs != [segment]:
+    if frame.height and segs != [segment]:
         raise BhavcopyError(f"{name}: Sgmt is {sorted(segs)}, not {segment}")
     dup = frame.filter(pl.col("FinInstrmId").is_duplicated())["FinInstrmId"].unique().to_list()
     if dup:

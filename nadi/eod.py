@@ -295,9 +295,11 @@ def _compare(
     b: BhavcopyRow, n: NadiSummary, m: MasterEntry | None, tick: float, tol: Tolerances
 ) -> Reconciled:
     fo = b.sgmt == "FO"
+    # Without a master row: the cash symbol, or the contract's name (NIFTY26SEPFUT).
+    symbol = b.fin_instrm_nm if fo else (b.tckr_symb or b.fin_instrm_nm)
     r = Reconciled(
         instrument_token=n.instrument_token,
-        tradingsymbol=m.tradingsymbol if m is not None else b.fin_instrm_nm,
+        tradingsymbol=m.tradingsymbol if m is not None else symbol,
         segment=b.sgmt,
         fin_instrm_id=b.fin_instrm_id,
         exch_open=b.opn_pric, exch_high=b.hgh_pric, exch_low=b.lw_pric, exch_last=b.last_pric,

@@ -133,6 +133,10 @@ def test_malformed_files_are_refused(data: bytes, why: str) -> None:
     assert why in str(e.value)
 
 
+def test_a_header_only_file_is_zero_rows() -> None:
+    assert parse_bhavcopy(zipped(GOLDEN_HEADER + "\n"), "FO", DAY) == []
+
+
 def test_zip_with_other_members_is_refused() -> None:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:

@@ -91,6 +91,8 @@ def test_scope_and_keys() -> None:
             111: nadi_of(CM, 111)}  # fmt: skip
     out = reconcile(DAY, [CM, bl, other, lagging], nadi, MASTER, Tolerances())
     verdicts = {r.instrument_token: r.verdict for r in out.rows}
+    names = {r.instrument_token: r.tradingsymbol for r in out.rows}
+    assert names[5900 * 256 + 1] == "RELIANCE"  # no master row: the file's TckrSymb
     assert verdicts == {
         738561: "match",  # the EQ row, not confused with its BL twin
         408065: "missing_in_nadi",
