@@ -232,12 +232,14 @@ def reconcile(
     instruments: Sequence[MasterEntry],
     tol: Tolerances,
     scope: Scope = "master",
+    segments: Sequence[Segment] = ("CM", "FO"),
 ) -> Outcome:
     """The day's verdicts: each bhavcopy row of a tracked instrument and each instrument Nadi
     stored ticks (or gaps) for. Tracked: in the master (``scope="master"``: the master is what
     Nadi subscribes to, so a listed instrument without ticks is missing in Nadi), or only what
     Nadi has ticks or gaps for (``"ticked"``: a master far larger than the subscription, such as
-    Kite's whole file). Pure: no I/O, no clock."""
+    Kite's whole file). Instruments of other segments (not in ``segments``, or not NSE's: BSE,
+    MCX, ...) are left out. Pure: no I/O, no clock."""
     by_exch = {(m.exchange, m.exchange_token): m for m in instruments}
     by_token = {m.instrument_token: m for m in instruments}
     untracked: dict[str, int] = {}
@@ -260,14 +262,19 @@ def reconcile(
         n = nadi.get(tok) or NadiSummary(instrument_token=tok)
         tick = (m.tick_size if m is not None else None) or 0.05
         rows[tok] = _compare(b, n, m, tick, tol)
+    kite_code = {v: _SEGMENT[k] for k, v in _KITE_SEGMENT_CODE.items()}
     for tok, n in nadi.items():
         if tok in rows:
             continue
         m = by_token.get(tok)
+        # The master's exchange, else Kite's segment code in the token's low byte.
+        seg = _SEGMENT[m.exchange] if m is not None else kite_code.get(tok & 0xFF)
+        if seg not in segments:
+            continue
         row = Reconciled(
             instrument_token=tok,
             tradingsymbol=m.tradingsymbol if m is not None else str(tok),
-            segment=_SEGMENT.get(m.exchange) if m is not None else None,
+            segment=seg,
             fin_instrm_id=m.exchange_token if m is not None else None,
             verdict="missing_in_bhavcopy",
         )

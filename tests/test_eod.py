@@ -88,7 +88,7 @@ def test_scope_and_keys() -> None:
     other = msgspec.structs.replace(CM, fin_instrm_id=1594)  # INFY: in the master, no ticks
     lagging = msgspec.structs.replace(CM, fin_instrm_id=5900)  # not in the master, has ticks
     nadi = {738561: nadi_of(CM, 738561), 5900 * 256 + 1: nadi_of(CM, 5900 * 256 + 1),
-            111: nadi_of(CM, 111)}  # fmt: skip
+            777 * 256 + 1: nadi_of(CM, 777 * 256 + 1)}  # fmt: skip
     out = reconcile(DAY, [CM, bl, other, lagging], nadi, MASTER, Tolerances())
     verdicts = {r.instrument_token: r.verdict for r in out.rows}
     names = {r.instrument_token: r.tradingsymbol for r in out.rows}
@@ -97,9 +97,19 @@ def test_scope_and_keys() -> None:
         738561: "match",  # the EQ row, not confused with its BL twin
         408065: "missing_in_nadi",
         5900 * 256 + 1: "match",  # Kite's token rule covers a lagging master
-        111: "missing_in_bhavcopy",
+        777 * 256 + 1: "missing_in_bhavcopy",  # an NSE token (Kite code 1) the file lacks
     }
     assert out.untracked == {"CM": 1}  # the BL row
     ticked = reconcile(DAY, [CM, bl, other, lagging], nadi, MASTER, Tolerances(), "ticked")
     assert 408065 not in {r.instrument_token for r in ticked.rows}
     assert ticked.untracked == {"CM": 2}
+
+
+def test_only_the_reconciled_segments_and_nses_instruments() -> None:
+    fo_tok = 68407 * 256 + 2
+    nadi = {738561: nadi_of(CM, 738561), fo_tok: nadi_of(FO, fo_tok),
+            12345 * 256 + 4: nadi_of(CM, 12345 * 256 + 4)}  # a BSE token (Kite code 4)  # fmt: skip
+    out = reconcile(DAY, [FO], nadi, MASTER, Tolerances(), segments=("FO",))
+    assert [(r.instrument_token, r.verdict) for r in out.rows] == [(fo_tok, "match")]
+    both = reconcile(DAY, [CM, FO], nadi, MASTER, Tolerances())
+    assert {r.instrument_token for r in both.rows} == {738561, fo_tok}
