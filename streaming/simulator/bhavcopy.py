@@ -6,7 +6,8 @@ average price of the trades between 15:00 and 15:30 IST rounded to the tick size
 closing-price rule, simplified), or the last price when there were none; the settlement price
 (``SttlmPric``) is the close. Cash rows go to the ``CM`` file, derivatives to the ``FO`` file,
 in NSE's units: F&O ``TtlTradgVol`` counts contracts, open interest is in shares, option
-turnover is notional ((strike + premium) x quantity).
+turnover is notional ((strike + premium) x quantity). Simplified: an option's ``UndrlygPric`` is
+its index future's close (the simulator has no spot index), ``PrvsClsgPric`` the master's price.
 
 Each instrument's ``FinInstrmId`` is its master ``exchange_token`` (Kite's exchange token is
 NSE's token). The simulator has no ISINs: cash rows carry a placeholder ``INE`` + the token
