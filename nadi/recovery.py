@@ -1,15 +1,14 @@
 """The client of a retransmission (recovery) service: a sequence range of one instrument on
-one trading day, and the day's bhavcopy (NSE's end-of-day file).
+one trading day.
 
-The simulator serves both (``streaming.simulator.recovery``); the pipelines' gap repair and
-reconciliation call them through here. ``GET /v1/retransmit`` returns NDJSON wire ticks,
-``GET /v1/bhavcopy`` the day's CSV (404: none).
+The simulator serves it (``streaming.simulator.recovery``, which also serves the bhavcopy files
+that :func:`nadi.bhavcopy.load_bhavcopy` fetches); the pipelines' gap repair calls it through
+here. ``GET /v1/retransmit`` returns NDJSON wire ticks.
 """
 
 from __future__ import annotations
 
 from datetime import date
-from pathlib import Path
 
 import httpx
 
@@ -17,11 +16,6 @@ from nadi.codec import TickCodec
 from nadi.tick import Tick
 
 MAX_RANGE = 100_000  # sequence ids per retransmission request (the server refuses more)
-
-
-def bhavcopy_filename(day: date) -> str:
-    """NSE's name for the day's file (``BhavCopy_NSE_CM_0_0_0_YYYYMMDD_F_0000.csv``)."""
-    return f"BhavCopy_NSE_CM_0_0_0_{day:%Y%m%d}_F_0000.csv"
 
 
 # Retransmitted ticks may be days old: only the wire format is checked, not the age window.
@@ -63,23 +57,3 @@ async def fetch_retransmission(
         if own:
             await c.aclose()
     return out
-
-
-async def fetch_bhavcopy(
-    base_url: str, day: date, *, bhavcopy_dir: str = "", timeout_s: float = 30.0
-) -> str | None:
-    """The bhavcopy CSV of ``day``: from ``bhavcopy_dir`` if the file is there (where an
-    operator or ``nadi simulate --bhavcopy-dir`` drops it), else from the service; None when
-    the service has none (404). Raises ``httpx.HTTPStatusError`` on other errors."""
-    if bhavcopy_dir:
-        path = Path(bhavcopy_dir) / bhavcopy_filename(day)
-        if path.is_file():
-            return path.read_text("utf-8")
-    async with httpx.AsyncClient(timeout=timeout_s) as c:
-        r = await c.get(
-            f"{base_url.rstrip('/')}/v1/bhavcopy", params={"trading_day": day.isoformat()}
-        )
-    if r.status_code == 404:
-        return None
-    r.raise_for_status()
-    return r.text

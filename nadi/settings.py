@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from string import Formatter
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -170,6 +171,33 @@ class Settings(BaseSettings):
     )
     bhavcopy_dir: Path = Field(default_factory=lambda: _local("bhavcopy"))
     gap_repair_max_attempts: int = Field(3, ge=1)
+
+    # --- EOD reconciliation (issue 13): where NSE's two zipped UDiFF bhavcopy files of a day
+    # come from: ``bhavcopy_dir`` first, then this URL template. Fields: {filename} (NSE's
+    # name), {segment} (CM/FO), {segment_lower}, {yyyymmdd}, {date} (YYYY-MM-DD). Empty: the
+    # recovery service's /v1/bhavcopy/{filename}. NSE's archive:
+    # https://nsearchives.nseindia.com/content/{segment_lower}/{filename}
+    bhavcopy_url: str = Field("", description="URL template of a day's bhavcopy file")
+
+    @field_validator("bhavcopy_url")
+    @classmethod
+    def _bhavcopy_url_ok(cls, v: str) -> str:
+        names = {f for _, f, _, _ in Formatter().parse(v) if f is not None}
+        allowed = {"filename", "segment", "segment_lower", "yyyymmdd", "date"}
+        if bad := sorted(names - allowed):
+            raise ValueError(f"unknown fields {bad} (allowed: {sorted(allowed)})")
+        if (
+            v
+            and "filename" not in names
+            and not (names & {"yyyymmdd", "date"} and names & {"segment", "segment_lower"})
+        ):
+            raise ValueError("needs {filename}, or a date field and a segment field")
+        return v
+
+    @property
+    def bhavcopy_url_template(self) -> str:
+        """``bhavcopy_url``, or the recovery service's bhavcopy endpoint."""
+        return self.bhavcopy_url or f"{self.recovery_url.rstrip('/')}/v1/bhavcopy/{{filename}}"
 
     # Storage policies (issue 9). Dagster runs candle refresh, retention and compression on
     # both editions; TimescaleDB's own policy jobs are installed only when asked for (their

@@ -8,11 +8,13 @@ materialized; the SQL and the verdicts live here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Literal
 
 import asyncpg
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
+
+from nadi.eod import Reconciled, worst_md
 
 CANDLES_CHECK = "matches_raw_ticks"
 EOD_CHECK = "matches_bhavcopy"
@@ -185,4 +187,36 @@ def gaps_check_result(asset_key: str, still_open: list[str]) -> AssetCheckResult
             else f"{len(still_open)} gaps not repaired: " + ", ".join(still_open[:20])
         ),
         metadata={"still_open": MetadataValue.int(len(still_open))},
+    )
+
+
+def eod_check_result(asset_key: str, rows: list[Reconciled]) -> AssetCheckResult:
+    """The reconciliation's verdict: passes when every instrument matches."""
+    bad = [r for r in rows if r.verdict != "match"]
+    names = sorted({f"{r.tradingsymbol} ({r.verdict}: {', '.join(r.details) or '-'})"
+                    for r in bad})  # fmt: skip
+    return AssetCheckResult(
+        asset_key=asset_key,
+        check_name=EOD_CHECK,
+        passed=not bad,
+        description=(
+            f"all {len(rows)} instruments match"
+            if not bad
+            else f"{len(bad)} instruments differ: " + "; ".join(names[:30])
+        ),
+        metadata={
+            "mismatched_instruments": MetadataValue.json(sorted(r.tradingsymbol for r in bad)),
+            "worst_differences": MetadataValue.md(worst_md(rows)),
+        },
+    )
+
+
+def eod_refused_result(asset_key: str, day: date, reason: str) -> AssetCheckResult:
+    """A day whose bhavcopy is missing or refused: nothing was compared, the check fails."""
+    return AssetCheckResult(
+        asset_key=asset_key,
+        check_name=EOD_CHECK,
+        passed=False,
+        description=f"bhavcopy of {day} refused: {reason}",
+        metadata={"refused": MetadataValue.text(reason), "trading_day": str(day)},
     )

@@ -20,8 +20,9 @@ import asyncpg
 import redis.asyncio as aioredis
 from dagster import ConfigurableResource
 
+from nadi.bhavcopy import Fetched, Segment, load_bhavcopy
 from nadi.db.tick_writer import init_connection
-from nadi.recovery import fetch_bhavcopy, fetch_retransmission
+from nadi.recovery import fetch_retransmission
 from nadi.settings import Settings
 from nadi.tick import Tick
 
@@ -112,15 +113,11 @@ class KafkaResource(_Resource):
 
 @runtime_checkable
 class RecoverySource(Protocol):
-    """Where missed ticks and the exchange's end-of-day files come from."""
+    """Where missed ticks come from (the end-of-day files: :class:`BhavcopySourceResource`)."""
 
     async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
         """Ticks ``from_seq..to_seq`` (inclusive) of ``token`` on ``day``; fewer when the source
         does not have them all; raises on transport or server errors."""
-        ...
-
-    async def bhavcopy(self, day: date) -> str | None:
-        """The day's NSE UDiFF bhavcopy CSV text, or None when it is not published (yet)."""
         ...
 
 
@@ -134,20 +131,11 @@ class RecoverySourceResource(_Resource, ABC):
     async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
         """See :meth:`RecoverySource.retransmit`."""
 
-    @abstractmethod
-    async def bhavcopy(self, day: date) -> str | None:
-        """See :meth:`RecoverySource.bhavcopy`."""
-
 
 class SimulatorRecoveryResource(RecoverySourceResource):
-    """The simulator's retransmission service (``nadi simulate`` serves it on port 8765).
-
-    Bhavcopies are read from ``bhavcopy_dir`` first (where ``nadi simulate --bhavcopy-dir`` or an
-    operator drops NSE's file), then from the service's ``/v1/bhavcopy``.
-    """
+    """The simulator's retransmission service (``nadi simulate`` serves it on port 8765)."""
 
     url: str
-    bhavcopy_dir: str = ""
     timeout_s: float = 30.0
 
     async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
@@ -155,10 +143,22 @@ class SimulatorRecoveryResource(RecoverySourceResource):
             self.url, token, day, from_seq, to_seq, timeout_s=self.timeout_s
         )
 
-    async def bhavcopy(self, day: date) -> str | None:
-        return await fetch_bhavcopy(
-            self.url, day, bhavcopy_dir=self.bhavcopy_dir, timeout_s=self.timeout_s
-        )
+
+class BhavcopySourceResource(_Resource):
+    """Where NSE's zipped UDiFF bhavcopy files come from: ``directory`` first (where an
+    operator or ``nadi simulate --bhavcopy-dir`` drops them), then ``url_template``
+    (``NADI_BHAVCOPY_URL``; by default the recovery service's ``/v1/bhavcopy/{filename}``)."""
+
+    directory: str = ""
+    url_template: str = ""
+    timeout_s: float = 30.0
+
+    async def fetch(self, segment: Segment, day: date) -> Fetched | None:
+        """The day's file of ``segment``, or None when neither place has it."""
+        return await load_bhavcopy(
+            segment, day, directory=self.directory, url_template=self.url_template,
+            timeout_s=self.timeout_s,
+        )  # fmt: skip
 
 
 def resources_from_settings(settings: Settings) -> dict[str, _Resource]:
@@ -175,7 +175,9 @@ def resources_from_settings(settings: Settings) -> dict[str, _Resource]:
         ),
         "recovery": SimulatorRecoveryResource(
             url=settings.recovery_url,
-            bhavcopy_dir=str(settings.bhavcopy_dir),
             max_attempts=settings.gap_repair_max_attempts,
+        ),
+        "bhavcopy": BhavcopySourceResource(
+            directory=str(settings.bhavcopy_dir), url_template=settings.bhavcopy_url_template
         ),
     }

@@ -8,12 +8,17 @@ Tests run in order and share one simulated market (see tests/pipelines_env.py).
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import time as time_mod
 import uuid
+import zipfile
 from datetime import date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from dagster import (
     AssetKey,
@@ -26,14 +31,16 @@ from dagster import (
     materialize,
 )
 
+from nadi.bhavcopy import Segment, bhavcopy_filename, encode_bhavcopy
 from nadi.times import IST, day_bounds
 from pipelines.assets.candles import candle_refresh_policy, candles
 from pipelines.assets.eod import eod_reconciliation
 from pipelines.assets.repair import gap_repair
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.partitions import partition_key
+from pipelines.resources import BhavcopySourceResource
 from pipelines.sensors import GAP_TAG, gap_repair_sensor
-from streaming.simulator.bhavcopy import write_bhavcopy
+from streaming.simulator.bhavcopy import bhavcopy_files, bhavcopy_rows, write_bhavcopy
 from tests import pipelines_env
 from tests.kafka_util import create_topic, read_all
 from tests.pipelines_env import Market
@@ -462,21 +469,149 @@ def test_gap_the_source_cannot_fill_becomes_unrecoverable(market: Market) -> Non
 def test_eod_reconciliation_passes_on_a_clean_day(market: Market) -> None:
     m = market
     day = m.days[1]
-    # This day's bhavcopy comes from the directory (the others from the recovery service).
-    write_bhavcopy(m.generators[day], m.bhavcopy_dir)
-    r = materialize(
-        [eod_reconciliation], instance=m.instance, resources=m.resources(),
-        partition_key=partition_key(day),
-    )  # fmt: skip
+    gen = m.generators[day]
+    # This day's files come from the directory (the others from the recovery service's URL).
+    paths = write_bhavcopy(gen, m.bhavcopy_dir)
+    try:
+        r = materialize(
+            [eod_reconciliation], instance=m.instance, resources=m.resources(),
+            partition_key=partition_key(day),
+        )  # fmt: skip
+    finally:
+        for p in paths:
+            p.unlink()
     assert r.success
     c = checks(r)[("eod_reconciliation", "matches_bhavcopy")]
     assert c.passed, c.description
-    rows = q(m, "SELECT verdict, tick_count, exch_close, nadi_close FROM eod_reconciliation"
-                " WHERE trading_day = $1", day)  # fmt: skip
-    assert len(rows) == len(m.generators[day].instruments)
+    rows = q(m, "SELECT * FROM eod_reconciliation WHERE trading_day = $1", day)
+    assert len(rows) == len(gen.instruments)
     assert {r["verdict"] for r in rows} == {"match"} and all(r["tick_count"] > 0 for r in rows)
+    assert {r["fin_instrm_id"]: r["instrument_token"] for r in rows} == {
+        i.exchange_token: t for t, i in gen.instruments.items()
+    }  # keyed by FinInstrmId = the master's exchange token
+    fo = [r for r in rows if r["segment"] == "FO"]
+    assert len(fo) == sum(i.is_derivative for i in gen.instruments.values()) >= 1
+    for x in fo:  # the F&O columns are filled and agree
+        assert x["exch_oi"] == x["nadi_oi"] > 0 and x["exch_settle"] == x["nadi_settle"] > 0
+    assert all(x["exch_oi"] is None for x in rows if x["segment"] == "CM")
     md = mat_metadata(r, "eod_reconciliation")
     assert md["verdict_match"] == len(rows) and "All" in md["worst_differences"]
+    assert md["bhavcopy_files"] == [str(p) for p in paths]
+    block_rows = sum(x.scty_srs == "BL" for x in bhavcopy_rows(gen)["CM"])
+    assert (md["untracked_CM_rows"], md["untracked_FO_rows"]) == (block_rows, 0)
+
+
+def test_eod_reconciliation_catches_seeded_differences_on_both_segments(market: Market) -> None:
+    m = market
+    day = m.days[3]
+    gen = m.generators[day]
+    files = bhavcopy_rows(gen)
+    stock = next(r for r in files["CM"] if r.scty_srs == "EQ")
+    fut = next(r for r in files["FO"] if r.fin_instrm_tp == "IDF")
+    tick = {i.exchange_token: i.tick_size for i in gen.instruments.values()}
+    bad_stock = msgspec.structs.replace(
+        stock, cls_pric=round(stock.cls_pric + 5 * tick[stock.fin_instrm_id], 2),
+        ttl_tradg_vol=stock.ttl_tradg_vol + 100,
+    )  # fmt: skip
+    bad_fut = msgspec.structs.replace(
+        fut, opn_intrst=(fut.opn_intrst or 0) + 75,
+        sttlm_pric=round((fut.sttlm_pric or 0) + 10 * tick[fut.fin_instrm_id], 2),
+    )  # fmt: skip
+    # A block-deal row on the stock's ISIN, at other prices: its own FinInstrmId, so it is not
+    # confused with the EQ row (and concerns no instrument Nadi tracks).
+    block = msgspec.structs.replace(
+        stock, fin_instrm_id=999_999, scty_srs="BL", opn_pric=1.0, hgh_pric=1.0, lw_pric=1.0,
+        cls_pric=1.0, last_pric=1.0, ttl_tradg_vol=10**6,
+    )  # fmt: skip
+    cm = [bad_stock if x is stock else x for x in files["CM"]] + [block]
+    fo = [bad_fut if x is fut else x for x in files["FO"]]
+    paths = [m.bhavcopy_dir / bhavcopy_filename(s, day) for s in ("CM", "FO")]
+    paths[0].write_bytes(encode_bhavcopy(cm, "CM", day))
+    paths[1].write_bytes(encode_bhavcopy(fo, "FO", day))
+    try:
+        r = materialize(
+            [eod_reconciliation], instance=m.instance, resources=m.resources(),
+            partition_key=partition_key(day), raise_on_error=False,
+        )  # fmt: skip
+    finally:
+        for p in paths:
+            p.unlink()
+    assert not r.success  # the blocking check fails the run
+    c = checks(r)[("eod_reconciliation", "matches_bhavcopy")]
+    names = {i.exchange_token: i.tradingsymbol for i in gen.instruments.values()}
+    assert not c.passed
+    assert c.metadata["mismatched_instruments"].value == sorted(
+        [names[stock.fin_instrm_id], names[fut.fin_instrm_id]]
+    )
+    rows = {x["fin_instrm_id"]: x for x in q(m, "SELECT * FROM eod_reconciliation"
+                                              " WHERE trading_day = $1", day)}  # fmt: skip
+    s_row, f_row = rows[stock.fin_instrm_id], rows[fut.fin_instrm_id]
+    s_det, f_det = json.loads(s_row["details"]), json.loads(f_row["details"])
+    assert (s_row["verdict"], set(s_det)) == ("mismatch", {"close", "volume"})
+    assert s_det["volume"] == {"exch": stock.ttl_tradg_vol + 100, "nadi": stock.ttl_tradg_vol,
+                               "diff": -100}  # fmt: skip
+    assert s_det["close"]["diff"] == pytest.approx(-5 * tick[stock.fin_instrm_id])
+    assert (f_row["verdict"], set(f_det)) == ("mismatch", {"oi", "settlement"})
+    assert f_det["oi"]["diff"] == -75 and f_row["exch_oi"] == (fut.opn_intrst or 0) + 75
+    assert f_det["settlement"]["diff"] == pytest.approx(-10 * tick[fut.fin_instrm_id])
+    assert 999_999 not in rows and len(rows) == len(gen.instruments)
+    assert sum(x["verdict"] == "match" for x in rows.values()) == len(rows) - 2
+    md = mat_metadata(r, "eod_reconciliation")
+    assert md["untracked_CM_rows"] == sum(x.scty_srs == "BL" for x in cm)
+    assert names[fut.fin_instrm_id] in md["worst_differences"]
+
+
+def _refused(m: Market, day: date, segment: Segment, data: bytes) -> tuple[Any, Any]:
+    path = m.bhavcopy_dir / bhavcopy_filename(segment, day)
+    path.write_bytes(data)
+    try:
+        r = materialize(
+            [eod_reconciliation], instance=m.instance, resources=m.resources(),
+            partition_key=partition_key(day), raise_on_error=False,
+        )  # fmt: skip
+    finally:
+        path.unlink()
+    assert not r.success
+    assert not r.get_asset_materialization_events()  # nothing was reconciled
+    return r, checks(r)[("eod_reconciliation", "matches_bhavcopy")]
+
+
+def test_eod_reconciliation_refuses_a_file_of_another_day_or_format(market: Market) -> None:
+    m = market
+    day, other = m.days[3], m.days[2]
+    # The day before's CM file under this day's name.
+    r, c = _refused(m, day, "CM", bhavcopy_files(m.generators[other])["CM"])
+    assert not c.passed
+    assert f"TradDt is ['{other}'], not {day}" in (c.description or "")
+    assert bhavcopy_filename("CM", day) in (c.description or "")
+    failure = next(e for e in r.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "TradDt" in str(failure.event_specific_data)
+    # The pre-2024 layout, zipped under the FO name.
+    legacy = io.BytesIO()
+    with zipfile.ZipFile(legacy, "w") as zf:
+        zf.writestr("fo.csv", "INSTRUMENT,SYMBOL,EXPIRY_DT,STRIKE_PR,OPTION_TYP,OPEN,HIGH,LOW,"
+                    "CLOSE,SETTLE_PR,CONTRACTS,VAL_INLAKH,OPEN_INT,CHG_IN_OI,TIMESTAMP\n")  # fmt: skip
+    _, c = _refused(m, day, "FO", legacy.getvalue())
+    assert not c.passed and "header is not NSE's 34-column UDiFF" in (c.description or "")
+
+
+def test_eod_reconciliation_fails_when_a_file_is_not_published(
+    market: Market, tmp_path: Path
+) -> None:
+    m = market
+    day = m.days[3]
+    # A URL where the recovery service has nothing (404), and an empty directory.
+    tpl = m.recovery_url + "/v1/bhavcopy/unpublished-{filename}"
+    res = {**m.resources(), "bhavcopy": BhavcopySourceResource(directory=str(tmp_path),
+                                                              url_template=tpl)}  # fmt: skip
+    r = materialize(
+        [eod_reconciliation], instance=m.instance, resources=res,
+        partition_key=partition_key(day), raise_on_error=False,
+    )  # fmt: skip
+    assert not r.success and not r.get_asset_materialization_events()
+    c = checks(r)[("eod_reconciliation", "matches_bhavcopy")]
+    assert not c.passed and f"no CM bhavcopy for {day}" in (c.description or "")
+    assert str(tmp_path) in (c.description or "") and tpl in (c.description or "")
 
 
 def test_eod_reconciliation_fails_naming_the_instrument_of_a_deleted_tick(market: Market) -> None:
@@ -508,7 +643,7 @@ def test_eod_reconciliation_fails_naming_the_instrument_of_a_deleted_tick(market
             for x in q(m, "SELECT * FROM eod_reconciliation WHERE trading_day = $1", day)
         }
         assert rows[symbol]["verdict"] == "mismatch"
-        assert {"volume", "ticks"} <= set(__import__("json").loads(rows[symbol]["details"]))
+        assert {"volume", "ticks"} <= set(json.loads(rows[symbol]["details"]))
         assert sum(x["verdict"] == "match" for x in rows.values()) == len(rows) - 1
         worst = mat_metadata(r, "eod_reconciliation")["worst_differences"]
         assert symbol in worst

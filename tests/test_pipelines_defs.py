@@ -100,6 +100,9 @@ def test_definitions_take_settings() -> None:
     assert res["recovery"].url == "http://10.0.0.1:9"
     assert res["kafka"].replay_topic == "r"
     assert res["recovery"].max_attempts == s.gap_repair_max_attempts
+    # NSE's files: the directory, then the recovery service's endpoint (NADI_BHAVCOPY_URL unset).
+    assert res["bhavcopy"].directory == str(s.bhavcopy_dir)
+    assert res["bhavcopy"].url_template == "http://10.0.0.1:9/v1/bhavcopy/{filename}"
 
 
 def test_partitions_are_nse_trading_days() -> None:

@@ -100,7 +100,8 @@ async def test_simulate_cli_session_day_end_to_end(settings: Settings, tmp_path)
     got = await _read_all(settings.kafka_bootstrap, topic, n)
     assert len(got) == n
     assert {k for k, _ in got} <= {b"738561", b"408065", b"738562", b"408066"}
-    assert (tmp_path / "BhavCopy_NSE_CM_0_0_0_20261120_F_0000.csv").exists()
+    for seg in ("CM", "FO"):  # the day's two zipped UDiFF files
+        assert (tmp_path / f"BhavCopy_NSE_{seg}_0_0_0_20261120_F_0000.csv.zip").exists()
     r = await asyncio.to_thread(
         CliRunner().invoke, app, ["simulate", "--session-date", "2026-11-24", "--topic", topic]
     )

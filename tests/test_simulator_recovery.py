@@ -8,10 +8,12 @@ from datetime import date
 import httpx
 import pytest
 
+from nadi.bhavcopy import SEGMENTS, bhavcopy_filename, load_bhavcopy, parse_bhavcopy
 from nadi.codec import encode
 from nadi.instruments import bundled_instruments
 from nadi.recovery import fetch_retransmission
 from nadi.times import NS
+from streaming.simulator.bhavcopy import bhavcopy_files
 from streaming.simulator.feed import FeedSimulator
 from streaming.simulator.generator import DayGenerator
 from streaming.simulator.recovery import create_recovery_app
@@ -77,17 +79,35 @@ async def test_bad_requests_get_400_and_unknowns_404() -> None:
             await fetch_retransmission(BASE, 999_999_999, DAY, 1, 5, client=c)
 
 
-async def test_bhavcopy_endpoint_serves_session_days_only() -> None:
+async def test_bhavcopy_endpoint_serves_the_two_zips_of_session_days() -> None:
     app = create_recovery_app(21, INSTS, density=1.0)
+    gen = DayGenerator(INSTS, 21, DAY, density=1.0)
+    tpl = BASE + "/v1/bhavcopy/{filename}"
     async with _client(app) as c:
-        r = await c.get("/v1/bhavcopy", params={"trading_day": DAY.isoformat()})
-        assert r.status_code == 200 and r.text.startswith("TradDt,BizDt,Sgmt")
-        assert "BhavCopy_NSE_CM_0_0_0_20261120_F_0000.csv" in r.headers["content-disposition"]
-        assert len(r.text.splitlines()) == len(INSTS) + 1
+        for seg in SEGMENTS:
+            got = await load_bhavcopy(seg, DAY, directory=None, url_template=tpl, client=c)
+            assert (
+                got is not None
+                and got.origin == f"{BASE}/v1/bhavcopy/{bhavcopy_filename(seg, DAY)}"
+            )
+            assert got.data == bhavcopy_files(gen)[seg]  # the simulator's own files, zipped
+            rows = parse_bhavcopy(got.data, seg, DAY)
+            assert {r.fin_instrm_id for r in rows if r.scty_srs != "BL"} == {
+                i.exchange_token for i in INSTS if i.is_derivative == (seg == "FO")
+            }
+        r = await c.get(f"/v1/bhavcopy/{bhavcopy_filename('CM', DAY)}")
+        assert r.headers["content-type"] == "application/zip"
+        assert bhavcopy_filename("CM", DAY) in r.headers["content-disposition"]
+        # A holiday, a name that is not NSE's, a day without a session: nothing.
+        assert await load_bhavcopy("CM", date(2026, 11, 24), directory=None, url_template=tpl,
+                                   client=c) is None  # fmt: skip
+        assert (await c.get("/v1/bhavcopy/BhavCopy_NSE_CM_20261120.csv")).status_code == 404
         assert (
-            await c.get("/v1/bhavcopy", params={"trading_day": "2026-11-21"})
+            await c.get("/v1/bhavcopy/BhavCopy_NSE_XX_0_0_0_20261120_F_0000.csv.zip")
         ).status_code == 404
-        assert (await c.get("/v1/bhavcopy", params={"trading_day": "nope"})).status_code == 400
+        assert (
+            await c.get("/v1/bhavcopy/BhavCopy_NSE_CM_0_0_0_20261350_F_0000.csv.zip")
+        ).status_code == 404
 
 
 async def test_live_days_come_from_the_registered_generator_and_stop_at_now() -> None:

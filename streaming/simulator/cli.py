@@ -152,7 +152,8 @@ def simulate(
     topic: str | None = typer.Option(None, "--topic", help="default NADI_TOPIC_TICKS"),
     recovery_port: int = typer.Option(8765, "--recovery-port", min=0, max=65535, help="0 disables"),
     bhavcopy_dir: Annotated[
-        Path | None, typer.Option("--bhavcopy-dir", help="session mode: write the bhavcopy here")
+        Path | None,
+        typer.Option("--bhavcopy-dir", help="session mode: write the day's two bhavcopy zips here"),
     ] = None,
     load_instruments: bool = typer.Option(True, "--load-instruments/--no-load-instruments"),
     max_ticks: int = typer.Option(0, "--max-ticks", min=0, help="stop after N ticks (0: no limit)"),
@@ -223,8 +224,8 @@ def simulate(
             finally:
                 _merge(total, feed.stats)
             if bhavcopy_dir is not None:
-                path = write_bhavcopy(gen, bhavcopy_dir)
-                _note("bhavcopy written", path=str(path))
+                paths = write_bhavcopy(gen, bhavcopy_dir)
+                _note("bhavcopy written", files=[str(p) for p in paths])
         else:
             anchor = start_ns
             deadline = start_ns + int(duration * NS) if duration else None

@@ -7,27 +7,33 @@ are pure functions of (seed, instrument set, density); live days need the runnin
 anchor and rate, so ``nadi simulate`` registers its live generators with the app it serves.
 
 ``GET /v1/retransmit?instrument_token=&trading_day=YYYY-MM-DD&from_seq=&to_seq=`` -> NDJSON
-``GET /v1/bhavcopy?trading_day=YYYY-MM-DD`` -> the session day's bhavcopy CSV
+``GET /v1/bhavcopy/BhavCopy_NSE_{CM,FO}_0_0_0_YYYYMMDD_F_0000.csv.zip`` -> a session day's
+zipped UDiFF bhavcopy files (the URL template ``NADI_BHAVCOPY_URL`` defaults to this)
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from datetime import date
+from datetime import date, datetime
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 
+from nadi.bhavcopy import Segment
 from nadi.calendar import is_trading_day
 from nadi.codec import encode
 from nadi.instruments import Instrument, bundled_instruments
-from nadi.recovery import MAX_RANGE, bhavcopy_filename
-from streaming.simulator.bhavcopy import bhavcopy_csv
+from nadi.recovery import MAX_RANGE
+from streaming.simulator.bhavcopy import bhavcopy_files
 from streaming.simulator.generator import DEFAULT_DENSITY, DayGenerator
 
+_BHAVCOPY_NAME = re.compile(
+    r"BhavCopy_NSE_(?P<segment>CM|FO)_0_0_0_(?P<day>\d{8})_F_0000\.csv\.zip"
+)
 InstrumentSource = Sequence[Instrument] | Callable[[date], Sequence[Instrument]]
 
 
@@ -142,22 +148,37 @@ def create_recovery_app(
         body = b"".join(encode(t) + b"\n" for t in ticks)
         return Response(body, media_type="application/x-ndjson")
 
-    @app.get("/v1/bhavcopy")
-    def bhavcopy(request: Request) -> Response:
-        """The session day's bhavcopy CSV (live days are never complete: 404)."""
+    files: OrderedDict[date, dict[Segment, bytes]] = OrderedDict()
+    files_lock = threading.Lock()
+
+    @app.get("/v1/bhavcopy/{filename}")
+    def bhavcopy(filename: str) -> Response:
+        """A session day's zipped UDiFF bhavcopy by NSE's file name (like NSE's archive):
+        ``BhavCopy_NSE_CM_0_0_0_YYYYMMDD_F_0000.csv.zip`` or the ``FO`` one. Live days are
+        never complete: 404."""
+        m = _BHAVCOPY_NAME.fullmatch(filename)
+        if m is None:
+            return _bad(f"not a UDiFF bhavcopy file name: {filename[:80]!r}", 404)
+        segment: Segment = "CM" if m["segment"] == "CM" else "FO"
         try:
-            day = _day_param(dict(request.query_params))
-        except ValueError as e:
-            return _bad(str(e))
-        gen = reg.get(day)
-        if gen is None or gen.mode != "session":
-            return _bad(f"no complete session for {day}", 404)
-        return PlainTextResponse(
-            bhavcopy_csv(gen),
-            media_type="text/csv",
-            headers={
-                "Content-Disposition": f'attachment; filename="{bhavcopy_filename(gen.trading_day)}"'
-            },
+            day = datetime.strptime(m["day"], "%Y%m%d").date()
+        except ValueError:
+            return _bad(f"no such day: {m['day']}", 404)
+        with files_lock:
+            got = files.get(day)
+        if got is None:
+            gen = reg.get(day)
+            if gen is None or gen.mode != "session":
+                return _bad(f"no complete session for {day}", 404)
+            got = bhavcopy_files(gen)
+            with files_lock:
+                files[day] = got
+                while len(files) > 4:
+                    files.popitem(last=False)
+        return Response(
+            got[segment],
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
 
     @app.get("/healthz")
