@@ -3,7 +3,10 @@
 Dagster's own storage (runs, event logs, schedules and sensor ticks) lives in PostgreSQL
 through dagster-postgres, in a database of its own (``nadi_dagster``) on Nadi's server: runs
 survive restarts, the webserver and the daemon share one view, and nothing is kept in SQLite
-files under ``.nadi``.
+files under ``.nadi``. Its name follows Nadi's database (``<database>_dagster``:
+``nadi_dagster`` for the default ``nadi``), so two deployments on one server, each with its own
+``NADI_PG_DSN`` database, never share run storage (a daemon would launch the other's queued
+runs against its own database).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from nadi.settings import Settings
 # The code location, by module: the same in a checkout and in an installed wheel (workspace.yaml
 # names the same module for `dagster dev` in a checkout).
 CODE_LOCATION = ("-m", "pipelines.definitions")
-DAGSTER_DB = "nadi_dagster"
 MAX_CONCURRENT_RUNS = 8
 # Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs are many
 # small runs (one per gap) and must not crowd out candle refreshes.
@@ -74,8 +76,14 @@ async def _create_database(settings: Settings, database: str) -> None:
         await conn.close()
 
 
-def dagster_config(settings: Settings, database: str = DAGSTER_DB) -> dict[str, object]:
+def dagster_database(settings: Settings) -> str:
+    """The run/event storage database: ``<Nadi's database>_dagster``."""
+    return f"{settings.pg_database}_dagster"
+
+
+def dagster_config(settings: Settings, database: str | None = None) -> dict[str, object]:
     """The content of ``dagster.yaml``."""
+    database = database or dagster_database(settings)
     u = urlsplit(settings.pg_dsn)
     db: dict[str, object] = {
         "hostname": u.hostname or "127.0.0.1",
@@ -105,11 +113,12 @@ def dagster_config(settings: Settings, database: str = DAGSTER_DB) -> dict[str, 
     }
 
 
-def ensure_dagster_home(settings: Settings, *, database: str = DAGSTER_DB) -> Path:
+def ensure_dagster_home(settings: Settings, *, database: str | None = None) -> Path:
     """Create ``settings.dagster_home`` with its ``dagster.yaml`` and the storage database.
 
     Idempotent; rewrites the file each time so it follows the settings (DSN changes).
     """
+    database = database or dagster_database(settings)
     home = Path(settings.dagster_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     asyncio.run(_create_database(settings, database))
@@ -137,8 +146,8 @@ class Process(NamedTuple):
 
 
 def dagster_processes(settings: Settings) -> list[Process]:
-    """The Dagster webserver (127.0.0.1:3000 unless :func:`webserver_bind` allows otherwise)
-    and daemon, for `nadi up`."""
+    """The Dagster webserver (127.0.0.1:3000 unless :func:`webserver_bind` allows otherwise),
+    its daemon and the exporter (:mod:`pipelines.exporter`), for `nadi up`."""
     host, port = webserver_bind(settings)
     home = ensure_dagster_home(settings)
     env = {"DAGSTER_HOME": str(home)}
@@ -149,4 +158,7 @@ def dagster_processes(settings: Settings) -> list[Process]:
             env,
         ),
         Process("dagster-daemon", (_bin("dagster-daemon"), "run", *CODE_LOCATION), env),
+        # Dagster has no metrics endpoint: this serves its run counts and sensor lag (and the
+        # database's gap and EOD figures) on NADI_EXPORTER_PORT.
+        Process("exporter", (sys.executable, "-m", "pipelines.exporter"), env),
     ]
