@@ -8,8 +8,8 @@ import time
 from infra.kafka_server import KafkaServer
 from infra.paths import Paths
 from infra.postgres import Postgres
-from infra.prometheus import PrometheusServer
 from infra.proc import say
+from infra.prometheus import PrometheusServer
 from infra.redis_server import RedisServer
 from infra.timescale_edition import BuildGone, SourceMissing, require_source
 from nadi.settings import Settings
