@@ -137,12 +137,28 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# Lines of Dagster's processes that belong in their log files, not on the terminal (`nadi up
+# --verbose` shows them): the runs' DEBUG event log (every step start, output, handled
+# input...) and the warnings Dagster raises about its own beta and superseded APIs.
+DAGSTER_QUIET = (
+    r" - dagster(?:\.[\w.]+)? - DEBUG - ",
+    r"\b(?:Beta|Preview|Supersession|Deprecation)Warning\b",
+    # The daemon's narration of each sensor tick and queue pass; "Completed launch of run …"
+    # and "Launched N runs" say what happened.
+    r"SensorDaemon - INFO - (?:Checking for new runs|Creating new run|Launching run for"
+    r"|Skipping \d+ runs? for sensor|Sensor \S+ skipped|No run requests)",
+    r"QueuedRunCoordinatorDaemon - INFO - Priority sorting",
+)
+
+
 class Process(NamedTuple):
-    """A long-running process for the command's supervisor: log name, argv, extra env."""
+    """A long-running process for the command's supervisor: log name, argv, extra env, and
+    patterns of its lines that go to its log file only."""
 
     name: str
     argv: tuple[str, ...]
     env: dict[str, str]
+    quiet: tuple[str, ...] = DAGSTER_QUIET
 
 
 def dagster_processes(settings: Settings) -> list[Process]:
