@@ -95,7 +95,8 @@ def status_line(prev: Snapshot | None, cur: Snapshot) -> str:
     dlq_new = cur.dlq - prev.dlq if prev and prev.dlq is not None and cur.dlq is not None else None
     parts = [
         cur.wall.astimezone(IST).strftime("%H:%M:%S IST"),
-        f"ticks/s in {_n(tin)} stored {_n(stored)}",
+        # in: messages on the input topic (both feeds); stored: new rows (duplicates dropped)
+        f"ticks/s kafka {_n(tin)} stored {_n(stored)}",
         f"lag {_n(cur.lag)}",
         f"gaps open {_n(cur.gaps_open)}"
         + (f" (oldest {_age(cur.gaps_oldest_s)})" if cur.gaps_open else "")
@@ -217,7 +218,7 @@ class Collector:
             ws_clients=_int(_sum(a, "nadi_ws_connections")),
             api_up=api_m is not None,
             runs_queued=_int(_sum(e, "nadi_dagster_runs", status="QUEUED")),
-            runs_running=None if exp_m is None else _int(sum(v or 0.0 for v in running)),
+            runs_running=None if None in running else _int(sum(v or 0.0 for v in running)),
             runs_failed_today=_int(_sum(e, "nadi_dagster_runs_failed_today")),
             sensor_age_s=_sum(
                 e, "nadi_dagster_sensor_last_tick_age_seconds", sensor="gap_repair_sensor"
@@ -232,13 +233,16 @@ async def run_status(settings: Settings, emit: Callable[[str], None], stop: asyn
 
     collector = Collector(settings)
     prev: Snapshot | None = None
+    period = settings.status_interval_s
+    next_at = time.monotonic() + period
     try:
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), settings.status_interval_s)
+            try:  # a fixed cadence: the time collecting takes is not added to the period
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
                 break
             except TimeoutError:
                 pass
+            next_at += period
             cur = await collector.collect(time.monotonic)
             emit(status_line(prev, cur))
             prev = cur

@@ -12,6 +12,7 @@ line of :mod:`command.status`.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sys
@@ -96,6 +97,18 @@ class Console:
         self._files.clear()
 
 
+LEFTOVER_GRACE_S = 3.0
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Signal every process left in the group ``pgid``; False when none is."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 async def _pump(
     c: Component, stream: asyncio.StreamReader, console: Console, verbose: bool
 ) -> None:
@@ -107,8 +120,6 @@ async def _pump(
 async def _run_one(
     c: Component, stop: asyncio.Event, grace_s: float, console: Console, verbose: bool
 ) -> None:
-    import os
-
     backoff = 1.0
     while not stop.is_set():
         proc = await asyncio.create_subprocess_exec(
@@ -132,9 +143,16 @@ async def _run_one(
                 await asyncio.wait_for(proc.wait(), grace_s)
             except TimeoutError:
                 console.say(c.name, f"no exit within {grace_s:.0f}s of SIGTERM; SIGKILL")
-                proc.kill()
+                _signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
         stopper.cancel()
+        # What the child left behind in its group (a Dagster run worker, a code server) would
+        # outlive it and hold its output pipe open: it gets SIGTERM, then SIGKILL.
+        if _signal_group(proc.pid, signal.SIGTERM):
+            try:
+                await asyncio.wait_for(asyncio.shield(pump), LEFTOVER_GRACE_S)
+            except TimeoutError:
+                _signal_group(proc.pid, signal.SIGKILL)
         await pump
         if stop.is_set():
             console.say(c.name, f"stopped ({proc.returncode})")

@@ -63,7 +63,7 @@ def test_status_line_gives_rates_and_what_matters() -> None:
         runs_failed_today=1,
     )
     assert status_line(prev, cur) == (
-        "09:30:05 IST | ticks/s in 2,000 stored 1,000 | lag 1,234"
+        "09:30:05 IST | ticks/s kafka 2,000 stored 1,000 | lag 1,234"
         " | gaps open 3 (oldest 75s) repaired today 41 | ws 3 | dlq 6 (+2)"
         " | runs queued 1 running 2 failed today 1 | market open"
     )
@@ -85,7 +85,7 @@ def test_status_line_first_line_and_unknown_figures() -> None:
         sensor_age_s=None,
     )
     assert status_line(None, cur) == (
-        "09:30:05 IST | ticks/s in ? stored ? | lag ? | gaps open ? repaired today ?"
+        "09:30:05 IST | ticks/s kafka ? stored ? | lag ? | gaps open ? repaired today ?"
         " | ws ? | dlq ? | runs queued ? running ? failed today ?"
     )
 
@@ -181,11 +181,11 @@ def test_console_writes_every_line_to_the_file_and_shown_ones_to_the_terminal(
     c = Console(tmp_path / "logs", out)
     c.line("dagster-daemon", DEBUG_EVENT.encode(), False)
     c.line("dagster-daemon", INFO_EVENT.encode(), True)
-    c.say("status", "09:30:05 IST | ticks/s in 1")
+    c.say("status", "09:30:05 IST | ticks/s kafka 1")
     c.close()
     daemon = (tmp_path / "logs" / "dagster-daemon.log").read_text()
     assert "\x1b" not in daemon and "STEP_START" in daemon and "gap 1: repaired" in daemon
-    assert (tmp_path / "logs" / "status.log").read_text() == "09:30:05 IST | ticks/s in 1\n"
+    assert (tmp_path / "logs" / "status.log").read_text() == "09:30:05 IST | ticks/s kafka 1\n"
     terminal = out.getvalue().decode()
     assert "STEP_START" not in terminal
     assert "dagster-daemon | " in terminal and "        status | 09:30:05 IST" in terminal
@@ -271,3 +271,61 @@ def test_ctrl_c_stops_every_child_and_the_logs_hold_everything(tmp_path: Path) -
         assert f"{name:>14} | stopped (0)\n" in lines
         log = (tmp_path / f"{name}.log").read_text()
         assert "x - dagster - DEBUG - noise" in log and "hello" in log
+
+
+LEFTOVER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from command.supervisor import Component, supervise
+
+    # A parent that ignores SIGTERM's default (exits at once) but leaves a child behind that
+    # holds the output pipe, as a Dagster daemon leaves a run worker.
+    parent = (
+        "import subprocess, sys, time\\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\\n"
+        "print('grandchild', p.pid, flush=True)\\n"
+        "time.sleep(600)\\n"
+    )
+
+    async def status(emit, stop):
+        emit("ready")
+        await stop.wait()
+
+    asyncio.run(supervise([Component("p", (sys.executable, "-c", parent))], grace_s=5,
+                          log_dir=Path(sys.argv[1]), status=status))
+    """
+)
+
+
+def test_stop_leaves_no_grandchild_behind(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LEFTOVER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    grandchild = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not grandchild:
+        line = proc.stdout.readline()
+        if "| grandchild" in line:
+            grandchild = int(line.split()[-1])
+    assert grandchild
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 10
+    assert not _alive(grandchild), f"grandchild {grandchild} outlived the supervisor"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: whoever inherited it may be slow to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
