@@ -31,6 +31,9 @@ class Component:
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     quiet: tuple[str, ...] = ()
+    # Stopped, and waited for, before the others: what depends on them (Dagster's runs call
+    # the simulator's recovery service and the database) ends while they still serve.
+    stop_first: bool = False
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -174,21 +177,32 @@ async def supervise(
     status: Callable[[Callable[[str], None], asyncio.Event], Coroutine[Any, Any, None]]
     | None = None,
 ) -> None:
-    """Run every component until SIGINT/SIGTERM. ``status(emit, stop)``, when given, runs
-    beside them and prints its lines through ``emit`` until ``stop`` is set."""
-    stop = asyncio.Event()
+    """Run every component until SIGINT/SIGTERM/SIGHUP, then stop the ``stop_first`` ones,
+    then the rest. ``status(emit, stop)``, when given, runs beside them and prints its lines
+    through ``emit`` until ``stop`` is set."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUP too: the children are in their own process groups, so a closed terminal reaches
     # only this process, which must then stop them.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled.set)
     console = Console(log_dir)
     if log_dir is not None:
         console.say("nadi up", f"logs of every process in {log_dir}/<name>.log")
-    tasks = [_run_one(c, stop, grace_s, console, verbose) for c in components]
+    waves = [[c for c in components if c.stop_first], [c for c in components if not c.stop_first]]
+    stops = [asyncio.Event() for _ in waves]
+    running = [
+        [asyncio.create_task(_run_one(c, stop, grace_s, console, verbose)) for c in wave]
+        for wave, stop in zip(waves, stops, strict=True)
+    ]
+    side = []
     if status is not None:
-        tasks.append(status(lambda text: console.say("status", text), stop))
+        side.append(asyncio.create_task(status(lambda t: console.say("status", t), signalled)))
     try:
-        await asyncio.gather(*tasks)
+        await signalled.wait()
+        for stop, tasks in zip(stops, running, strict=True):
+            stop.set()
+            await asyncio.gather(*tasks)
+        await asyncio.gather(*side)
     finally:
         console.close()

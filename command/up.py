@@ -43,7 +43,8 @@ def platform_components(settings: Settings) -> list[Component]:
     except ImportError:  # the orchestration code location is optional for `nadi up`
         return components
     return components + [
-        Component(p.name, p.argv, p.env, p.quiet) for p in dagster_processes(settings)
+        Component(p.name, p.argv, p.env, p.quiet, stop_first=True)
+        for p in dagster_processes(settings)
     ]
 
 

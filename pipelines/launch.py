@@ -129,6 +129,13 @@ def ensure_dagster_home(settings: Settings, *, database: str | None = None) -> P
     path = home / "dagster.yaml"
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
+    # The storage schema is created (or migrated) here, once: the webserver, the daemon and the
+    # exporter starting together would otherwise race to create it ("Retrying failed database
+    # creation", logged through the root logger, which then doubles every Dagster log line).
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home)):
+        pass
     return home
 
 

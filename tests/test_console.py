@@ -104,7 +104,7 @@ def test_status_line_flags_what_is_down() -> None:
     )
     line = status_line(_snap(0.0), cur)
     assert "gaps open 1 (oldest 3h) repaired today 0 unrecoverable 2" in line
-    assert line.endswith("| !! workers 1/2, api down, sensor idle 7m | market closed")
+    assert line.endswith("| !! workers 1/2, api not answering, sensor idle 7m | market closed")
 
 
 def test_stored_rate_survives_a_worker_restart() -> None:
@@ -213,11 +213,11 @@ async def test_collect_meets_its_deadline_with_sources_down(settings: Settings) 
         took = time.monotonic() - t0
     finally:
         await c.close()
-    assert took < 2.0 + 1.0, took
+    assert took < 3.0 + 1.0, took
     assert snap.stored == {} and not snap.api_up and snap.gaps_open is None
     assert snap.workers == 1
     line = status_line(None, snap)
-    assert "!! workers 0/1, api down" in line
+    assert "!! workers 0/1, api not answering" in line
 
 
 SUPERVISED = textwrap.dedent(
