@@ -228,12 +228,17 @@ SUPERVISED = textwrap.dedent(
 
     child = (
         "import signal, sys, time\\n"
-        "signal.signal(signal.SIGTERM, lambda *a: (print('bye', flush=True), sys.exit(0)))\\n"
+        "def bye(*a):\\n"
+        "    print('bye', flush=True)\\n"
+        "    time.sleep(0.5)\\n"
+        "    sys.exit(0)\\n"
+        "signal.signal(signal.SIGTERM, bye)\\n"
         "print('x - dagster - DEBUG - noise', flush=True)\\n"
         "print('hello', flush=True)\\n"
         "time.sleep(600)\\n"
     )
-    comps = [Component(f"c{i}", (sys.executable, "-c", child), quiet=(" - DEBUG - ",))
+    comps = [Component(f"c{i}", (sys.executable, "-c", child), quiet=(" - DEBUG - ",),
+                       stop_first=i == 0)
              for i in range(2)]
 
     async def status(emit, stop):
@@ -271,6 +276,8 @@ def test_ctrl_c_stops_every_child_and_the_logs_hold_everything(tmp_path: Path) -
         assert f"{name:>14} | stopped (0)\n" in lines
         log = (tmp_path / f"{name}.log").read_text()
         assert "x - dagster - DEBUG - noise" in log and "hello" in log
+    # c0 (stop_first) is stopped and gone before c1 is asked to stop
+    assert lines.index(f"{'c0':>14} | stopped (0)\n") < lines.index(f"{'c1':>14} | bye\n")
 
 
 LEFTOVER = textwrap.dedent(
