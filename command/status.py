@@ -175,10 +175,10 @@ class Collector:
             return None
 
     async def _kafka_figures(self) -> object:
-        from pipelines.exporter import collect_kafka
+        from pipelines.exporter import collect_kafka, in_daemon_thread
 
         if self._kafka is None or self._kafka.done():
-            self._kafka = asyncio.create_task(asyncio.to_thread(collect_kafka, self.s))
+            self._kafka = asyncio.create_task(in_daemon_thread(collect_kafka, self.s))
         return await asyncio.shield(self._kafka)
 
     async def collect(self, clock: Callable[[], float]) -> Snapshot:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from datetime import time as dtime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from dagster import DagsterInstance
 
 log = get_logger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Run tag values that have their own concurrency limit (pipelines/launch.py TAG_LIMITS).
 RUN_KINDS = tuple(kind for kind, _ in TAG_LIMITS)
@@ -315,6 +318,33 @@ def apply_kafka(f: KafkaFigures) -> None:
 # ---- the loop -----------------------------------------------------------------------------
 
 
+async def in_daemon_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn`` in a daemon thread of its own. Unlike ``asyncio.to_thread`` (whose executor is
+    joined at exit) a call stuck past its deadline (librdkafka, a database that stopped
+    answering) never keeps the process from exiting on SIGTERM."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)  # type: ignore[arg-type]
+            else:
+                assert isinstance(value, BaseException)
+                fut.set_exception(value)
+
+    def work() -> None:
+        try:
+            result: object = fn(*args, **kwargs)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, False, e)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    threading.Thread(target=work, name=f"exporter-{fn.__name__}", daemon=True).start()
+    return await fut
+
+
 @dataclass
 class Exporter:
     settings: Settings
@@ -340,10 +370,10 @@ class Exporter:
 
     async def _dagster(self) -> None:
         assert self.instance is not None
-        apply_dagster(await asyncio.to_thread(collect_dagster, self.instance, datetime.now(IST)))
+        apply_dagster(await in_daemon_thread(collect_dagster, self.instance, datetime.now(IST)))
 
     async def _kafka(self) -> None:
-        apply_kafka(await asyncio.to_thread(collect_kafka, self.settings))
+        apply_kafka(await in_daemon_thread(collect_kafka, self.settings))
 
     async def collect_once(self) -> None:
         now = datetime.now(IST)
@@ -399,7 +429,11 @@ def main() -> None:
         await Exporter(settings, instance).run(stop)
 
     asyncio.run(go())
-    if instance is not None:
+    # A part stuck in its daemon thread may hold the instance's connections: leave them to the
+    # process's exit rather than wait on them.
+    if instance is not None and not any(
+        t.name.startswith("exporter-") for t in threading.enumerate()
+    ):
         instance.dispose()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 from dagster import DagsterInstance, Failure, job, op
 
 from infra.paths import Paths
@@ -199,3 +200,20 @@ def test_collect_dagster_counts_runs_by_status(tmp_path: Path) -> None:
         assert f.queued_by_kind["gap_repair"] == 0
         assert f.eod_check is None  # never ran: no gauge, so no false "failed" alert
         assert f.sensor_age_s == {}  # no daemon in this instance: no sensor state yet
+
+
+async def test_in_daemon_thread_returns_raises_and_never_holds_exit() -> None:
+    import asyncio
+    import threading
+
+    from pipelines.exporter import in_daemon_thread
+
+    assert await in_daemon_thread(sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):
+        await in_daemon_thread(lambda: 1 / 0)
+    gate = threading.Event()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(in_daemon_thread(gate.wait, 60), 0.2)
+    stuck = [t for t in threading.enumerate() if t.name == "exporter-wait"]
+    assert stuck and all(t.daemon for t in stuck)  # interpreter exit does not join it
+    gate.set()
