@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -396,7 +397,14 @@ class Exporter:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             t0 = time.monotonic()
-            await self.collect_once()
+            # SIGTERM does not wait for a collection in progress: its gauges are not needed.
+            collecting = asyncio.create_task(self.collect_once())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({collecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                collecting.cancel()
+                break
             left = self.settings.exporter_interval_s - (time.monotonic() - t0)
             try:
                 await asyncio.wait_for(stop.wait(), max(0.0, left))
@@ -429,12 +437,12 @@ def main() -> None:
         await Exporter(settings, instance).run(stop)
 
     asyncio.run(go())
-    # A part stuck in its daemon thread may hold the instance's connections: leave them to the
-    # process's exit rather than wait on them.
-    if instance is not None and not any(
-        t.name.startswith("exporter-") for t in threading.enumerate()
-    ):
-        instance.dispose()
+    busy = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    log.info("exporter_stopped", threads=busy)
+    # The work is done: a part stuck in its thread (it may hold the instance's connections) or
+    # a storage thread of Dagster's must not keep the process from exiting on SIGTERM.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
