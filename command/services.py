@@ -31,13 +31,19 @@ def services_up(
         "--skip-missing-source",
         help="with --timescale-edition: a missing NADI_TIMESCALE_SRC is reported, not an error",
     ),
+    monitoring: bool = typer.Option(
+        False,
+        "--monitoring",
+        help="also Prometheus on 127.0.0.1:NADI_PROMETHEUS_PORT, scraping the processor "
+        "workers, the API and the exporter, with the alert rules of infra/monitoring",
+    ),
 ) -> None:
     """Install what is missing and start every local service (idempotent)."""
     from infra.proc import ServiceError
     from infra.services import LocalStack
 
     try:
-        LocalStack(get_settings()).up(timescale_edition, skip_missing_source)
+        LocalStack(get_settings()).up(timescale_edition, skip_missing_source, monitoring)
     except ServiceError as e:
         fail(str(e))
 

@@ -238,6 +238,15 @@ class Settings(BaseSettings):
     demo_bad_rate: float = Field(0.0002, ge=0, le=1)
     demo_workers: int = Field(2, ge=1, le=64)
 
+    # --- monitoring (issue 13): the console of `nadi up`, the Dagster/database exporter and
+    # the local Prometheus of `nadi services up --monitoring` (all loopback).
+    status_interval_s: float = Field(5.0, gt=0, description="`nadi up` status line period")
+    exporter_port: int = Field(
+        9208, ge=1, le=65535, description="pipelines.exporter (Dagster and gap gauges)"
+    )
+    exporter_interval_s: float = Field(5.0, gt=0, description="exporter collection period")
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="local Prometheus")
+
     @field_validator("pg_dsn", "pg_ingest_dsn", "pg_api_dsn", "pg_maint_dsn")
     @classmethod
     def _pg_dsn_is_postgres(cls, v: str) -> str:

@@ -3,7 +3,10 @@
 Dagster's own storage (runs, event logs, schedules and sensor ticks) lives in PostgreSQL
 through dagster-postgres, in a database of its own (``nadi_dagster``) on Nadi's server: runs
 survive restarts, the webserver and the daemon share one view, and nothing is kept in SQLite
-files under ``.nadi``.
+files under ``.nadi``. Its name follows Nadi's database (``<database>_dagster``:
+``nadi_dagster`` for the default ``nadi``), so two deployments on one server, each with its own
+``NADI_PG_DSN`` database, never share run storage (a daemon would launch the other's queued
+runs against its own database).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from nadi.settings import Settings
 # The code location, by module: the same in a checkout and in an installed wheel (workspace.yaml
 # names the same module for `dagster dev` in a checkout).
 CODE_LOCATION = ("-m", "pipelines.definitions")
-DAGSTER_DB = "nadi_dagster"
 MAX_CONCURRENT_RUNS = 8
 # Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs are many
 # small runs (one per gap) and must not crowd out candle refreshes.
@@ -74,8 +76,14 @@ async def _create_database(settings: Settings, database: str) -> None:
         await conn.close()
 
 
-def dagster_config(settings: Settings, database: str = DAGSTER_DB) -> dict[str, object]:
+def dagster_database(settings: Settings) -> str:
+    """The run/event storage database: ``<Nadi's database>_dagster``."""
+    return f"{settings.pg_database}_dagster"
+
+
+def dagster_config(settings: Settings, database: str | None = None) -> dict[str, object]:
     """The content of ``dagster.yaml``."""
+    database = database or dagster_database(settings)
     u = urlsplit(settings.pg_dsn)
     db: dict[str, object] = {
         "hostname": u.hostname or "127.0.0.1",
@@ -105,11 +113,12 @@ def dagster_config(settings: Settings, database: str = DAGSTER_DB) -> dict[str, 
     }
 
 
-def ensure_dagster_home(settings: Settings, *, database: str = DAGSTER_DB) -> Path:
+def ensure_dagster_home(settings: Settings, *, database: str | None = None) -> Path:
     """Create ``settings.dagster_home`` with its ``dagster.yaml`` and the storage database.
 
     Idempotent; rewrites the file each time so it follows the settings (DSN changes).
     """
+    database = database or dagster_database(settings)
     home = Path(settings.dagster_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     asyncio.run(_create_database(settings, database))
@@ -120,6 +129,13 @@ def ensure_dagster_home(settings: Settings, *, database: str = DAGSTER_DB) -> Pa
     path = home / "dagster.yaml"
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
+    # The storage schema is created (or migrated) here, once: the webserver, the daemon and the
+    # exporter starting together would otherwise race to create it ("Retrying failed database
+    # creation", logged through the root logger, which then doubles every Dagster log line).
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home)):
+        pass
     return home
 
 
@@ -128,17 +144,33 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# Lines of Dagster's processes that belong in their log files, not on the terminal (`nadi up
+# --verbose` shows them): the runs' DEBUG event log (every step start, output, handled
+# input...) and the warnings Dagster raises about its own beta and superseded APIs.
+DAGSTER_QUIET = (
+    r" - dagster(?:\.[\w.]+)? - DEBUG - ",
+    r"\b(?:Beta|Preview|Supersession|Deprecation)Warning\b",
+    # The daemon's narration of each sensor tick and queue pass; "Completed launch of run …"
+    # and "Launched N runs" say what happened.
+    r"SensorDaemon - INFO - (?:Checking for new runs|Creating new run|Launching run for"
+    r"|Skipping \d+ runs? for sensor|Sensor \S+ skipped|No run requests)",
+    r"QueuedRunCoordinatorDaemon - INFO - Priority sorting",
+)
+
+
 class Process(NamedTuple):
-    """A long-running process for the command's supervisor: log name, argv, extra env."""
+    """A long-running process for the command's supervisor: log name, argv, extra env, and
+    patterns of its lines that go to its log file only."""
 
     name: str
     argv: tuple[str, ...]
     env: dict[str, str]
+    quiet: tuple[str, ...] = DAGSTER_QUIET
 
 
 def dagster_processes(settings: Settings) -> list[Process]:
-    """The Dagster webserver (127.0.0.1:3000 unless :func:`webserver_bind` allows otherwise)
-    and daemon, for `nadi up`."""
+    """The Dagster webserver (127.0.0.1:3000 unless :func:`webserver_bind` allows otherwise),
+    its daemon and the exporter (:mod:`pipelines.exporter`), for `nadi up`."""
     host, port = webserver_bind(settings)
     home = ensure_dagster_home(settings)
     env = {"DAGSTER_HOME": str(home)}
@@ -149,4 +181,7 @@ def dagster_processes(settings: Settings) -> list[Process]:
             env,
         ),
         Process("dagster-daemon", (_bin("dagster-daemon"), "run", *CODE_LOCATION), env),
+        # Dagster has no metrics endpoint: this serves its run counts and sensor lag (and the
+        # database's gap and EOD figures) on NADI_EXPORTER_PORT.
+        Process("exporter", (sys.executable, "-m", "pipelines.exporter"), env),
     ]

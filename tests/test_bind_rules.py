@@ -31,7 +31,7 @@ def test_nadi_up_refuses_before_starting_anything(migrated: Settings, tmp_path: 
         dagster_processes(exposed)
     assert not (tmp_path / "dagster.yaml").exists()
     proxied = exposed.model_copy(update={"dagster_behind_auth_proxy": True})
-    web, _ = dagster_processes(proxied)
+    web, *_ = dagster_processes(proxied)
     assert web.argv[1:5] == ("-h", "0.0.0.0", "-p", "3000")
 
 

@@ -176,9 +176,10 @@ def test_dagster_yaml_uses_postgres_and_a_queued_coordinator(tmp_path: Path) -> 
 def test_dagster_processes(migrated: Settings, tmp_path: Path) -> None:
     s = migrated.model_copy(update={"dagster_home": tmp_path / "dh"})
     comps = dagster_processes(s)
-    web, daemon = comps
+    web, daemon, exporter = comps
     assert Path(web.argv[0]).name == "dagster-webserver"
-    assert web.argv[1:5] == ("-h", "127.0.0.1", "-p", "3000")
+    assert web.argv[1:5] == ("-h", "127.0.0.1", "-p", str(s.dagster_port))
+    assert exporter.argv[1:] == ("-m", "pipelines.exporter")
     assert web.argv[-2:] == ("-m", "pipelines.definitions")
     assert daemon.argv[1:] == ("run", "-m", "pipelines.definitions")
     for c in comps:
