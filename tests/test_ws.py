@@ -336,7 +336,7 @@ async def _watch_queues(hub: Hub, limit: int, stop: asyncio.Event) -> int:
     peak = 0
     while not stop.is_set():
         for c in hub.connections:
-            peak = max(peak, len(c.live))
+            peak = max(peak, c.live_count)
         assert peak <= limit
         await asyncio.sleep(0.005)
     return peak

@@ -2,10 +2,17 @@
 connection of this API process (DESIGN.md section 7).
 
 The reader XREADs the live stream (BLOCK) from where it was when the hub started, decodes each
-batch once (``nadi.ring.decode_live_entry``), builds each subscribed tick's message bytes once
-and hands the same bytes to every subscription of that instrument (``Subscription.deliver``,
-which never blocks). So the cost of a batch is one decode plus one small append per interested
-connection, and a slow client only ever hurts its own queue.
+batch once (``nadi.ring.decode_live_entry``), builds each subscribed tick's message bytes once,
+groups one read's ticks per instrument into :class:`~api.ws.connection.Chunk` s (bytes joined
+once) and hands the same chunk to every subscription of that instrument
+(``Subscription.deliver``, which never blocks). So the cost of a read is one decode plus one
+small append per interested connection and instrument, whatever the tick rate, and a slow client
+only ever hurts its own queue. With a wide fan-out (a round queued ``COALESCE_PUSHES`` chunks or
+more) reads are at least ``ws_flush_interval_ms`` apart, so each connection's frames carry more
+ticks: one send syscall per connection and round is the largest cost (PROFILE, issue 12).
+
+Every API process (``nadi api --workers N``) runs its own hub on the same stream: each reads
+every entry, so each of its connections gets every tick once, as with one process.
 
 Ownership: :meth:`Hub.start` creates the reader and the stall watchdog tasks; :meth:`Hub.stop`
 cancels and awaits them and asks every connection to close (1001).
@@ -24,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.ws import protocol
-from api.ws.connection import CLOSE_STALLED, Connection, Subscription
+from api.ws.connection import CLOSE_STALLED, Chunk, Connection, Offset, Subscription
 from nadi.logs import get_logger
 from nadi.redis_keys import RedisKeys
 from nadi.ring import decode_live_entry
@@ -33,6 +40,9 @@ log = get_logger(__name__)
 
 BLOCK_MS = 1000  # XREAD BLOCK: how long one read waits for a batch before looping
 READ_COUNT = 200  # live entries (processor batches) per XREAD
+# A round that queued at least this many chunks (connections x instruments) is a wide fan-out:
+# the next read waits until ``ws_flush_interval_ms`` after this one (see ``_read_loop``).
+COALESCE_PUSHES = 256
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream range as redis-py returns it
 
@@ -56,6 +66,8 @@ class Hub:
         stall_timeout_s: float,
         max_connections_per_key: int,
         queue_size: int = 1000,
+        max_frame_bytes: int = 262_144,
+        flush_interval_ms: float = 0.0,
     ) -> None:
         self._redis = redis
         self._live = keys.live
@@ -63,6 +75,8 @@ class Hub:
         # connection's queue (a large processor batch, say) reaches a client that keeps up
         # instead of being evicted from its queue before its writer could run.
         self._yield_every = max(1, queue_size // 4)
+        self._chunk_bytes = max(1024, max_frame_bytes // 2)
+        self._flush_interval_s = flush_interval_ms / 1000
         self._stall_timeout_s = stall_timeout_s
         self._max_per_key = max_connections_per_key
         self._index: dict[int, set[Subscription]] = {}
@@ -133,6 +147,8 @@ class Hub:
 
     async def _read_loop(self) -> None:
         backoff = 0.1
+        loop = asyncio.get_running_loop()
+        last_read = 0.0
         while True:
             try:
                 resp = cast(
@@ -148,34 +164,76 @@ class Hub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            for _stream, entries in resp or ():
-                for entry_id, fields in entries:
-                    self._last_id = entry_id.decode()
-                    await self._dispatch(fields)
-
-    async def _dispatch(self, fields: dict[bytes, bytes]) -> None:
-        self.batches += 1
-        if not self._index:  # nobody subscribed: skip the decode
-            return
-        try:
-            batch = decode_live_entry(fields)
-        except (msgspec.DecodeError, KeyError, ValueError) as exc:
-            log.error("undecodable live batch skipped", error=str(exc))
-            return
-        index = self._index
-        since_yield = 0
-        for e in batch:
-            subs = index.get(e.t.instrument_token)
-            if not subs:
+            entries = [e for _stream, es in resp or () for e in es]
+            if not entries:
                 continue
-            message = protocol.tick_from_live(e.o, e.t)
-            offset = parse_offset(e.o)
-            for sub in subs:
-                sub.deliver(offset, message)
-            since_yield += 1
-            if since_yield >= self._yield_every:
-                since_yield = 0
-                await asyncio.sleep(0)  # (between ticks: ``subs`` is not being iterated)
+            self._last_id = entries[-1][0].decode()
+            pushes = await self._dispatch([fields for _id, fields in entries])
+            if pushes >= COALESCE_PUSHES and self._flush_interval_s:
+                # A wide fan-out: every round costs one frame (one send syscall) per
+                # connection, so let the next round gather more ticks per frame.
+                wait = last_read + self._flush_interval_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            last_read = loop.time()
+
+    def _groups(
+        self, batches: list[dict[bytes, bytes]]
+    ) -> dict[int, tuple[list[Offset], list[bytes]]]:
+        """The subscribed ticks of one read, per instrument in ring order, as messages built
+        once (``tick`` messages shared by every subscriber)."""
+        index = self._index
+        groups: dict[int, tuple[list[Offset], list[bytes]]] = {}
+        for fields in batches:
+            self.batches += 1
+            try:
+                batch = decode_live_entry(fields)
+            except (msgspec.DecodeError, KeyError, ValueError) as exc:
+                log.error("undecodable live batch skipped", error=str(exc))
+                continue
+            for e in batch:
+                token = e.t.instrument_token
+                if token not in index:
+                    continue
+                g = groups.get(token)
+                if g is None:
+                    g = groups[token] = ([], [])
+                g[0].append(parse_offset(e.o))
+                g[1].append(protocol.tick_from_live(e.o, e.t))
+        return groups
+
+    async def _dispatch(self, batches: list[dict[bytes, bytes]]) -> int:
+        """Fan one read out; returns how many chunks were queued (connections x instruments)."""
+        if not self._index:  # nobody subscribed: skip the decode
+            self.batches += len(batches)
+            return 0
+        pushes = 0
+        since_yield = 0
+        step = self._yield_every
+        for token, (offsets, msgs) in self._groups(batches).items():
+            # Chunks of at most ``step`` ticks and about a frame's bytes: a burst bigger than a
+            # queue reaches a client that keeps up, since the writers run between chunks.
+            i = 0
+            while i < len(msgs):
+                j = min(len(msgs), i + step)
+                size = 0
+                for k in range(i, j):
+                    size += len(msgs[k]) + 1
+                    if size > self._chunk_bytes and k > i:
+                        j = k
+                        break
+                subs = self._index.get(token)
+                if subs:
+                    chunk = Chunk(token, offsets[i:j], msgs[i:j])
+                    for sub in subs:
+                        sub.deliver(chunk)
+                    pushes += len(subs)
+                since_yield += j - i
+                i = j
+                if since_yield >= step:
+                    since_yield = 0
+                    await asyncio.sleep(0)  # (between chunks: ``subs`` is not being iterated)
+        return pushes
 
     async def _watchdog(self) -> None:
         period = min(1.0, self._stall_timeout_s / 4)

@@ -188,7 +188,9 @@ class Session:
             )
         for token in tokens:
             self._drop(token)  # a repeated subscribe restarts that instrument's catch-up
-            sub = Subscription(conn, token, buffer_cap=self.s.ws_queue_size)
+            sub = Subscription(
+                conn, token, buffer_cap=self.s.ws_queue_size, conflate=m.mode == "conflate"
+            )
             self.hub.subscribe(sub)  # before any read: see catchup.py
             conn.subs[token] = sub
             sub.task = asyncio.create_task(self._catch_up(sub, since), name=f"ws-catchup-{token}")
