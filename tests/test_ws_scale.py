@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -211,3 +212,12 @@ async def test_several_api_processes_give_every_client_every_tick_once_in_order(
         for t in TOKENS:
             assert got.seqs[t] == list(range(1, 1001)), (k, t)
             assert got.synced[t] == 1, (k, t)
+
+
+def test_api_workers_setting_and_the_machine_default(settings: Settings) -> None:
+    from api.cli import MAX_AUTO_WORKERS, workers_for_machine
+
+    assert workers_for_machine(settings.model_copy(update={"api_workers": 3})) == 3
+    cpus = len(os.sched_getaffinity(0))
+    auto = workers_for_machine(settings.model_copy(update={"api_workers": 0}))
+    assert auto == max(1, min(MAX_AUTO_WORKERS, cpus // 2))
