@@ -34,7 +34,7 @@ def api(
     With several workers, uvicorn's supervisor runs them on one listening socket (the kernel
     hands each new connection to one of them) and restarts one that dies; each worker has its
     own live-stream reader, so every connection gets every tick once, in order, whichever
-    process holds it. Per-key connection limits count per process (README, "WebSocket")."""
+    process holds it. Per-key connection limits count over all processes (shared in Redis)."""
     import uvicorn
 
     settings = get_settings()

@@ -11,13 +11,14 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import psutil
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from api.ws.hub import Hub
 from nadi.redis_keys import RedisKeys
@@ -221,3 +222,88 @@ def test_api_workers_setting_and_the_machine_default(settings: Settings) -> None
     cpus = len(os.sched_getaffinity(0))
     auto = workers_for_machine(settings.model_copy(update={"api_workers": 0}))
     assert auto == max(1, min(MAX_AUTO_WORKERS, cpus // 2))
+
+
+def _worker_of(api_pid: int, port: int) -> dict[int, int]:
+    """Client port -> the API worker process holding that connection."""
+    out: dict[int, int] = {}
+    for child in psutil.Process(api_pid).children(recursive=True):
+        for c in child.net_connections("tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED:
+                out[c.raddr.port] = child.pid
+    return out
+
+
+async def _admitted(ws: ClientConnection) -> bool:
+    """True when the connection answers a ping; False when it is closed with 4029."""
+    try:
+        await send(ws, {"op": "ping"})
+        data = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert data == {"type": "pong"}, data
+        return True
+    except ConnectionClosed as e:
+        assert e.rcvd is not None and e.rcvd.code == 4029, e
+        return False
+
+
+async def test_connections_per_key_are_counted_over_all_api_processes(
+    env: Settings, pg: asyncpg.Connection, redis_client: aioredis.Redis, tmp_path: object
+) -> None:
+    limit = 3
+    s = env.model_copy(update={"ws_max_connections_per_key": limit})
+    counts_key = f"{(await RedisKeys.load(pg)).live}:ws:conns"
+
+    async def shared_total(expect: int) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            raw = cast(dict[bytes, bytes], await redis_client.hgetall(counts_key))
+            total = sum(int(v) for v in raw.values())
+            if total == expect:
+                return
+            assert time.monotonic() < deadline, (total, expect)
+            await asyncio.sleep(0.05)
+
+    port = free_port()
+    host = f"127.0.0.1:{port}"
+    proc = await spawn_api(s, port, str(tmp_path) + "/api.log", workers=2)
+    held: list[ClientConnection] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(_worker_connections(proc.pid, port)) < 2:
+            assert time.monotonic() < deadline, "two API workers did not start"
+            await asyncio.sleep(0.1)
+        # Hold `limit` connections spread over both processes (the kernel picks the process:
+        # replace one until they are spread), so that neither process alone is at the limit.
+        for _ in range(40):
+            while len(held) < limit:
+                ws = await ws_connect(host).__aenter__()
+                assert await _admitted(ws)
+                held.append(ws)
+            where = _worker_of(proc.pid, port)
+            procs = {where[ws.local_address[1]] for ws in held}
+            if len(procs) == 2:
+                break
+            await held.pop().close()
+            await shared_total(limit - 1)
+        assert len(procs) == 2, "connections never spread over both processes"
+        await shared_total(limit)
+        # Over the limit wherever it lands: refused with 4029, and not counted.
+        for _ in range(4):
+            async with ws_connect(host) as extra:
+                assert not await _admitted(extra)
+        await shared_total(limit)
+        # One closed anywhere frees a place for the key on every process.
+        await held.pop(0).close()
+        await shared_total(limit - 1)
+        ws = await ws_connect(host).__aenter__()
+        assert await _admitted(ws)
+        held.append(ws)
+    finally:
+        for ws in held:
+            await ws.close()
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

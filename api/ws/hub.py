@@ -12,7 +12,8 @@ more) reads are at least ``ws_flush_interval_ms`` apart, so each connection's fr
 ticks: one send syscall per connection and round is the largest cost (PROFILE, issue 12).
 
 Every API process (``nadi api --workers N``) runs its own hub on the same stream: each reads
-every entry, so each of its connections gets every tick once, as with one process.
+every entry, so each of its connections gets every tick once, as with one process; the
+per-key connection limit is counted over all of them in Redis (:class:`SharedCounts`).
 
 Ownership: :meth:`Hub.start` creates the reader and the stall watchdog tasks; :meth:`Hub.stop`
 cancels and awaits them and asks every connection to close (1001).
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
+import uuid
 from collections import Counter
 from typing import cast
 
@@ -48,6 +51,82 @@ _live_payloads = msgspec.json.Decoder(list[LiveTick])
 _encode = msgspec.json.Encoder().encode
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream range as redis-py returns it
+
+
+def key_label(key: str | None) -> str:
+    """The per-key limit's label of an API key: a digest, so Redis never holds a key."""
+    return "-" if key is None else hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class SharedCounts:
+    """Open /ws connections per API key over every API process on this Redis (``nadi api
+    --workers N``): a hash of ``<process>|<label>`` -> count, and a hash of process -> expiry
+    that each live process renews (the hub's watchdog, every second or faster). Admission is one
+    Lua call: it drops the counts of processes whose expiry passed (one killed by SIGKILL
+    holds nothing for longer than :data:`PROCESS_TTL_MS`), sums the label's counts and
+    increments this process's only if the sum is below the limit."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self.process = uuid.uuid4().hex[:12]
+        self._counts = f"{keys.live}:ws:conns"
+        self._procs = f"{keys.live}:ws:procs"
+        self._admit = redis.register_script(_ADMIT_LUA)
+        self._redis = redis
+
+    async def admit(self, label: str, limit: int) -> bool:
+        args: list[str | int] = [self.process, label, limit, PROCESS_TTL_MS]
+        return bool(await self._admit(keys=[self._counts, self._procs], args=args))
+
+    async def release(self, label: str) -> None:
+        field = f"{self.process}|{label}"
+        if int(await self._redis.hincrby(self._counts, field, -1)) <= 0:
+            await self._redis.hdel(self._counts, field)
+
+    async def heartbeat(self) -> None:
+        now_s, now_us = await self._redis.time()
+        await self._redis.hset(
+            self._procs, self.process, str(now_s * 1000 + now_us // 1000 + PROCESS_TTL_MS)
+        )
+
+    async def forget(self) -> None:
+        fields = cast(list[bytes], await self._redis.hkeys(self._counts))
+        mine = [f for f in fields if f.startswith(self.process.encode() + b"|")]
+        if mine:
+            await self._redis.hdel(self._counts, *mine)
+        await self._redis.hdel(self._procs, self.process)
+
+
+PROCESS_TTL_MS = 10_000  # a process that has not renewed its expiry this long holds nothing
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[2], ARGV[1], now + tonumber(ARGV[4]))
+local procs = redis.call('HGETALL', KEYS[2])
+local alive = {}
+for i = 1, #procs, 2 do
+  if tonumber(procs[i + 1]) < now then
+    redis.call('HDEL', KEYS[2], procs[i])
+  else
+    alive[procs[i]] = true
+  end
+end
+local total = 0
+local counts = redis.call('HGETALL', KEYS[1])
+for i = 1, #counts, 2 do
+  local f = counts[i]
+  local sep = string.find(f, '|', 1, true)
+  if not alive[string.sub(f, 1, sep - 1)] then
+    redis.call('HDEL', KEYS[1], f)
+  elseif string.sub(f, sep + 1) == ARGV[2] then
+    total = total + tonumber(counts[i + 1])
+  end
+end
+if total >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 1)
+return 1
+"""
 
 
 def parse_offset(offset: str | bytes) -> tuple[int, int]:
@@ -85,7 +164,10 @@ class Hub:
         self._max_per_key = max_connections_per_key
         self._index: dict[int, set[Subscription]] = {}
         self.connections: set[Connection] = set()
-        self._per_key: Counter[str | None] = Counter()
+        self._per_key: Counter[str] = Counter()
+        self._shared = SharedCounts(redis, keys)
+        self._counted: set[Connection] = set()  # connections counted in Redis
+        self._releases: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_id = "0-0"
         self.batches = 0  # live batches read (for tests and metrics)
@@ -116,14 +198,27 @@ class Hub:
         self._tasks = []
         for c in list(self.connections):
             c.close(1001, "server shutting down")
+        await asyncio.gather(*self._releases, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self._shared.forget()  # this process's counts go with it
 
     # ---- registry --------------------------------------------------------------------------
 
-    def add_connection(self, conn: Connection) -> bool:
-        """Register ``conn``; False when its key already has the maximum number open."""
-        if self._per_key[conn.key] >= self._max_per_key:
+    async def add_connection(self, conn: Connection) -> bool:
+        """Register ``conn``; False when its key already has the maximum number open, counted
+        over every API process on this Redis (:class:`SharedCounts`), or over this process
+        alone while Redis does not answer."""
+        label = key_label(conn.key)
+        try:
+            admitted = await self._shared.admit(label, self._max_per_key)
+            self._counted.add(conn)
+        except (RedisError, OSError) as e:
+            log.warning("per-key connection count not shared (Redis)", error=str(e))
+            admitted = self._per_key[label] < self._max_per_key
+        if not admitted:
+            self._counted.discard(conn)
             return False
-        self._per_key[conn.key] += 1
+        self._per_key[label] += 1
         self.connections.add(conn)
         return True
 
@@ -131,11 +226,22 @@ class Hub:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        self._per_key[conn.key] -= 1
-        if self._per_key[conn.key] <= 0:
-            del self._per_key[conn.key]
+        label = key_label(conn.key)
+        self._per_key[label] -= 1
+        if self._per_key[label] <= 0:
+            del self._per_key[label]
+        if conn in self._counted:
+            self._counted.discard(conn)
+            task = asyncio.create_task(self._shared.release(label), name="ws-hub-release")
+            self._releases.add(task)
+            task.add_done_callback(self._released)
         for sub in list(conn.subs.values()):
             self.unsubscribe(sub)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("per-key connection count not released", error=str(task.exception()))
 
     def subscribe(self, sub: Subscription) -> None:
         self._index.setdefault(sub.token, set()).add(sub)
@@ -246,6 +352,10 @@ class Hub:
         period = min(1.0, self._stall_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
+            try:
+                await self._shared.heartbeat()
+            except (RedisError, OSError) as e:
+                log.warning("per-key connection count heartbeat failed", error=str(e))
             now = time.monotonic()
             for c in list(self.connections):
                 if c.stalled_for(now) > self._stall_timeout_s:

@@ -283,7 +283,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         key=key,
         max_frame_bytes=settings.ws_max_frame_bytes,
     )
-    if not hub.add_connection(conn):
+    if not await hub.add_connection(conn):
         await ws.close(4029, "too many connections for this API key")
         return
     await Session(ws, conn, hub, catchup, settings).run()
