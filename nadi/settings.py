@@ -165,6 +165,18 @@ class Settings(BaseSettings):
     )
     replay_chunk_rows: int = Field(5000, ge=100, description="rows per keyset page of a replay")
 
+    # --- API processes and live fan-out (issue 12)
+    api_workers: int = Field(
+        0, ge=0, le=64, description="`nadi api` processes; 0: chosen for this machine"
+    )
+    ws_flush_interval_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="with a wide fan-out, live reads (so frames per connection) at most this "
+        "often; 0: as fast as ticks come",
+    )
+
     # Orchestration (issue "Orchestration").
     recovery_url: str = Field(
         "http://127.0.0.1:8765", description="the exchange recovery (retransmission) service"

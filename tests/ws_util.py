@@ -89,19 +89,28 @@ def api_env(settings: Settings) -> dict[str, str]:
     return {**env, "NADI_METRICS_PORT": "0"}
 
 
-async def spawn_api(settings: Settings, port: int, log: str) -> asyncio.subprocess.Process:
-    """``uvicorn api.app:create_app`` in a subprocess on ``port``, once it answers /healthz."""
+async def spawn_api(
+    settings: Settings, port: int, log: str, workers: int | None = None
+) -> asyncio.subprocess.Process:
+    """``uvicorn api.app:create_app`` in a subprocess on ``port``, once it answers /healthz;
+    with ``workers``, ``nadi api --workers N`` instead."""
     import sys
 
     import httpx
 
     fh = open(log, "ab")  # handed to the child, closed below
+    if workers is None:
+        argv = [
+            "-m", "uvicorn", "api.app:create_app", "--factory",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "--ws-max-size", str(settings.ws_max_message_bytes), "--ws-per-message-deflate",
+            "false",
+        ]  # fmt: skip
+    else:
+        argv = ["-m", "command", "api", "--port", str(port), "--workers", str(workers)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        "--ws-max-size", str(settings.ws_max_message_bytes), "--ws-per-message-deflate", "false",
-        env=api_env(settings), stdout=fh, stderr=fh,
-    )  # fmt: skip
+        sys.executable, *argv, env=api_env(settings), stdout=fh, stderr=fh
+    )
     fh.close()
     async with httpx.AsyncClient() as http:
         for _ in range(300):

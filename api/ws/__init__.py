@@ -27,6 +27,8 @@ async def startup(app: FastAPI) -> None:
         stall_timeout_s=settings.ws_stall_timeout_s,
         max_connections_per_key=settings.ws_max_connections_per_key,
         queue_size=settings.ws_queue_size,
+        max_frame_bytes=settings.ws_max_frame_bytes,
+        flush_interval_ms=settings.ws_flush_interval_ms,
     )
     await hub.start()
     app.state.ws_hub = hub

@@ -71,7 +71,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from api.ws import protocol
-from api.ws.connection import Subscription
+from api.ws.connection import Chunk, Subscription
 from api.ws.hub import Entries, parse_offset
 from nadi.redis_keys import RedisKeys
 from nadi.replay import BATCH_TICKS, ReplayEngine
@@ -241,11 +241,16 @@ class _Run:
         sub, conn = self.sub, self.conn
         last_id = self.pos
         last = parse_offset(last_id) if last_id is not None else (-1, -1)
+        offsets: list[tuple[int, int]] = []
+        messages: list[bytes] = []
         for offset, message in sub.buffer:
             if offset > last:
-                conn.push(message)
+                offsets.append(offset)
+                messages.append(message)
                 last = offset
-                last_id = f"{offset[0]}-{offset[1]}"
+        if messages:
+            conn.push(Chunk(sub.token, offsets, messages), 0, sub.conflate)
+            last_id = f"{last[0]}-{last[1]}"
         sub.buffer = []
         sub.floor = last  # the hub may not have dispatched what the ring already gave us
         sub.live = True

@@ -4,6 +4,7 @@ Client -> server (one JSON object per WebSocket message)::
 
     {"op": "subscribe", "instruments": [738561, ...], "since": "2025-01-06T09:15:00+05:30"}
     {"op": "subscribe", "instruments": [738561], "since": "1767000000000-0"}   # ring offset
+    {"op": "subscribe", "instruments": [738561], "mode": "conflate"}   # newest tick when behind
     {"op": "unsubscribe", "instruments": [738561]}
     {"op": "ping"}
     {"op": "auth", "key": "..."}
@@ -15,8 +16,13 @@ and one syscall per message). Messages::
     {"type": "tick", "offset": "1767000000000-0" | null, <LiveTick fields>, "status": "OK"}
     {"type": "synced", "instrument_token": 738561, "offset": "1767000000000-0" | null}
     {"type": "dropped", "count": 12}
+    {"type": "conflated", "instrument_token": 738561, "skipped": 40}
     {"type": "error", "code": "bad_message", "message": "..."}
     {"type": "pong"}
+
+``dropped`` (default mode) comes ahead of the ticks that follow a hole of ``count`` evicted live
+ticks. ``conflated`` (``"mode":"conflate"``) comes right before the newest tick of an
+instrument when the connection fell behind and ``skipped`` older ticks of it were never sent.
 
 ``exchange_ts`` of a tick is UTC epoch nanoseconds; prices are rupees. ``offset`` is the tick's
 ring offset (the id of its entry in the instrument's ring, ``RedisKeys.ring(token)``); ticks
@@ -26,7 +32,7 @@ those with an ISO-8601 ``since``.
 
 from __future__ import annotations
 
-from typing import Annotated, get_args
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
@@ -40,6 +46,9 @@ Tokens = Annotated[list[Token], msgspec.Meta(min_length=1)]
 class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe", forbid_unknown_fields=False):
     instruments: Tokens
     since: str | None = None
+    # "conflate": when the connection falls behind, only the newest tick per instrument is
+    # kept (and ``conflated`` says how many were skipped); default: the exact stream.
+    mode: Literal["stream", "conflate"] = "stream"
 
 
 class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe", forbid_unknown_fields=False):
@@ -104,6 +113,11 @@ class Dropped(msgspec.Struct, tag_field="type", tag="dropped"):
     count: int
 
 
+class Conflated(msgspec.Struct, tag_field="type", tag="conflated"):
+    instrument_token: int
+    skipped: int
+
+
 class Error(msgspec.Struct, tag_field="type", tag="error"):
     code: str
     message: str
@@ -140,8 +154,13 @@ def tick_from_live(offset: str | None, tick: LiveTick) -> bytes:
     return tick_from_payload(offset, _encode(tick))
 
 
-def frame(messages: list[bytes]) -> str:
-    """One WebSocket text frame: a single message as is, several as a JSON array."""
-    if len(messages) == 1:
-        return messages[0].decode()
-    return "[" + b",".join(messages).decode() + "]"
+def conflated(token: int, skipped: int) -> bytes:
+    return _encode(Conflated(token, skipped))
+
+
+def frame(parts: list[bytes], n: int) -> str:
+    """One WebSocket text frame from comma-joinable ``parts`` holding ``n`` messages: a single
+    message as is, several as a JSON array."""
+    if n == 1:
+        return parts[0].decode()
+    return "[" + b",".join(parts).decode() + "]"

@@ -188,7 +188,9 @@ class Session:
             )
         for token in tokens:
             self._drop(token)  # a repeated subscribe restarts that instrument's catch-up
-            sub = Subscription(conn, token, buffer_cap=self.s.ws_queue_size)
+            sub = Subscription(
+                conn, token, buffer_cap=self.s.ws_queue_size, conflate=m.mode == "conflate"
+            )
             self.hub.subscribe(sub)  # before any read: see catchup.py
             conn.subs[token] = sub
             sub.task = asyncio.create_task(self._catch_up(sub, since), name=f"ws-catchup-{token}")
@@ -281,7 +283,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         key=key,
         max_frame_bytes=settings.ws_max_frame_bytes,
     )
-    if not hub.add_connection(conn):
+    if not await hub.add_connection(conn):
         await ws.close(4029, "too many connections for this API key")
         return
     await Session(ws, conn, hub, catchup, settings).run()
