@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -353,6 +354,7 @@ async def test_slow_client_gets_dropped_and_others_are_unaffected(env: Settings)
     s = env.model_copy(update={"ws_queue_size": q, "ws_stall_timeout_s": 60.0})
     base = time.time_ns() - 120 * NS
     n = 40_000
+    dropped_before = _metric("nadi_ws_dropped_messages_total")
     async with running_worker(s), serving(s) as (host, app):
         hub: Hub = app.state.ws_hub
         async with (
@@ -362,6 +364,7 @@ async def test_slow_client_gets_dropped_and_others_are_unaffected(env: Settings)
             for ws in (good, slow):
                 await send(ws, {"op": "subscribe", "instruments": [T1]})
                 await _expect(ws, lambda m: m["type"] == "synced")
+            assert _metric("nadi_ws_connections") == 2
             stop = asyncio.Event()
             watcher = asyncio.create_task(_watch_queues(hub, q, stop))
             feeding = asyncio.create_task(
@@ -376,6 +379,8 @@ async def test_slow_client_gets_dropped_and_others_are_unaffected(env: Settings)
             stop.set()
             peak = await watcher
     assert dropped[0] == 0 and dropped[1] > 0, dropped
+    # The counter the alerts read says as much as the connections do.
+    assert _metric("nadi_ws_dropped_messages_total") - dropped_before == dropped[1]
     assert got.seqs == list(range(1, n + 1)) and got.dropped == 0
     # Every tick reached the slow client or was counted in a ``dropped`` message.
     assert late.dropped > 0 and len(late.ticks) + late.dropped == n
@@ -409,6 +414,7 @@ async def test_stalled_client_is_closed(env: Settings) -> None:
     # As in the test above (the stalled client's buffers fill), but a short stall timeout.
     s = env.model_copy(update={"ws_queue_size": 5000, "ws_stall_timeout_s": 1.0})
     base = time.time_ns() - 120 * NS
+    stalled_before = _metric("nadi_ws_stalled_closes_total")
     async with running_worker(s), serving(s) as (host, app):
         hub: Hub = app.state.ws_hub
         async with (
@@ -429,6 +435,15 @@ async def test_stalled_client_is_closed(env: Settings) -> None:
                     break
                 await asyncio.sleep(0.1)
             assert len(hub.connections) == 1  # the stalled one was closed (4008)
+            assert _metric("nadi_ws_stalled_closes_total") == stalled_before + 1
+            assert _metric("nadi_ws_connections") == 1
             await send(good, {"op": "ping"})
             await _expect(good, lambda m: m["type"] == "pong")
     assert got.seqs == list(range(1, 40_001)) and got.dropped == 0
+
+
+def _metric(name: str) -> float:
+    """The value of one of this process's metrics (the in-process API's)."""
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, f"{name} is not exported"
+    return value

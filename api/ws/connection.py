@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
 from api.ws import protocol
+from api.ws.metrics import WS_CONFLATED, WS_DROPPED
 
 CLOSE_STALLED = 4008
 
@@ -178,6 +179,7 @@ class Connection:
         if skipped:
             self.skipped[token] = self.skipped.get(token, 0) + skipped
             self.skipped_total += skipped
+            WS_CONFLATED.inc(skipped)
         self.latest[token] = (serial, chunk.msgs[-1])
 
     def _overflow(self) -> None:
@@ -208,6 +210,7 @@ class Connection:
             self.live_count -= n
             self.dropped += n
             self.dropped_total += n
+            WS_DROPPED.inc(n)
 
     def put_now(self, message: bytes) -> None:
         """Queue a message that must not be lost (``synced``, ``error``, ``pong``)."""

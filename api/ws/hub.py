@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from api.ws import protocol
 from api.ws.connection import CLOSE_STALLED, Chunk, Connection, Offset, Subscription
+from api.ws.metrics import WS_CONNECTIONS, WS_STALLED
 from nadi.logs import get_logger
 from nadi.redis_keys import RedisKeys
 from nadi.tick import LiveTick
@@ -220,12 +221,14 @@ class Hub:
             return False
         self._per_key[label] += 1
         self.connections.add(conn)
+        WS_CONNECTIONS.set(len(self.connections))
         return True
 
     def remove_connection(self, conn: Connection) -> None:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
+        WS_CONNECTIONS.set(len(self.connections))
         label = key_label(conn.key)
         self._per_key[label] -= 1
         if self._per_key[label] <= 0:
@@ -361,3 +364,4 @@ class Hub:
                 if c.stalled_for(now) > self._stall_timeout_s:
                     log.info("closing stalled websocket client", dropped=c.dropped_total)
                     c.close(CLOSE_STALLED, "stalled")
+                    WS_STALLED.inc()
