@@ -12,12 +12,16 @@ import random
 import struct
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kiteconnect import KiteTicker
 
+from nadi.settings import Settings
+from streaming.feeds.kite.cli import build_config
 from streaming.feeds.kite.mapping import Sequencer, map_packets, to_tick
 from streaming.feeds.kite.protocol import (
     Kind,
@@ -246,3 +250,29 @@ def test_text_frames() -> None:
     assert decode_text("not json") is None and decode_text("[1]") is None
     assert subscribe_message([738561, 5633]) == b'{"a":"subscribe","v":[738561,5633]}'
     assert mode_message(Mode.FULL, [5633]) == b'{"a":"mode","v":["full",[5633]]}'
+
+
+def test_config_from_settings_and_files(tmp_path: Path) -> None:
+    s = Settings().model_copy(
+        update={
+            "kite_ws_url": "ws://127.0.0.1:1/x?v=3",
+            "kite_api_key": "k",
+            "kite_access_token": "SECRET",
+            "topic_ticks": "ticks.raw.x",
+        }
+    )
+    csv_file = tmp_path / "instruments.csv"
+    csv_file.write_text("instrument_token,exchange_token,tradingsymbol\n408065,1594,INFY\n")
+    plain = tmp_path / "tokens.txt"
+    plain.write_text("# mine\n738561\n\n5633  # again below\n")
+    c = build_config(s, "5633,256265", csv_file, Mode.LTP, None)
+    assert c.connections == ((5633, 256265, 408065),) and c.mode is Mode.LTP
+    assert c.topic == "ticks.raw.x" and "SECRET" not in repr(c)  # kept out of logs
+    assert c.url() == "ws://127.0.0.1:1/x?v=3&api_key=k&access_token=SECRET"
+    assert build_config(s, "", plain, Mode.FULL, "other").tokens == (738561, 5633)
+    with pytest.raises(ValueError, match="not an instrument token"):
+        build_config(s, "5633,INFY", None, Mode.FULL, None)
+    with pytest.raises(ValueError, match="--tokens or --instruments-file"):
+        build_config(s, "", None, Mode.FULL, None)
+    with pytest.raises(ValueError, match="NADI_KITE_API_KEY"):
+        build_config(s.model_copy(update={"kite_access_token": ""}), "1", None, Mode.FULL, None)

@@ -14,9 +14,32 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 import asyncpg
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from nadi.times import ordinal_date, to_datetime_us
 from streaming.feeds.kite.mapping import DayKey
+
+# A database blip (restart, failover, a dropped connection) is waited out for half a minute;
+# beyond that the error ends the feed (nothing is produced whose numbers are not recorded).
+_transient = retry(
+    retry=retry_if_exception_type(
+        (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError,
+        )
+    ),
+    wait=wait_exponential_jitter(initial=0.1, max=2.0),
+    stop=stop_after_delay(30),
+    reraise=True,
+)
 
 
 def _ts(ns: int) -> datetime:
@@ -41,6 +64,7 @@ class FeedState:
         base = ordinal_date(0)
         return {(r[0], (r[1] - base).days): r[2] for r in rows}
 
+    @_transient
     async def save_sequences(self, marks: Iterable[tuple[DayKey, int]]) -> None:
         """Upsert high-water marks (only ever moving up)."""
         items = sorted(marks)
@@ -71,6 +95,7 @@ class FeedState:
         )
         return value  # type: ignore[no-any-return]
 
+    @_transient
     async def open_outage(
         self, connection: int, tokens: Sequence[int], started: datetime | int, reason: str
     ) -> int:
@@ -87,6 +112,7 @@ class FeedState:
         )
         return int(oid)
 
+    @_transient
     async def close_outage(self, outage_id: int, ended_ns: int) -> None:
         await self.pool.execute(
             "UPDATE feed_outages SET ended_at = greatest(started_at, $2) WHERE id = $1",
@@ -94,6 +120,7 @@ class FeedState:
             _ts(ended_ns),
         )
 
+    @_transient
     async def close_abandoned(self, connection: int, ended_ns: int) -> int:
         """Close outages a previous run left open on ``connection`` (it died while down)."""
         result = await self.pool.execute(
