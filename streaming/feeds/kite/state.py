@@ -36,7 +36,7 @@ _transient = retry(
             asyncpg.CannotConnectNowError,
         )
     ),
-    wait=wait_exponential_jitter(initial=0.1, max=2.0),
+    wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
     stop=stop_after_delay(30),
     reraise=True,
 )
