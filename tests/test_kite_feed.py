@@ -414,3 +414,24 @@ async def test_kill_9_of_the_adapter_never_reuses_a_sequence(
     )
     assert [q for _, q in by_frame] == sorted(q for _, q in by_frame)
     assert len({k // 30 for k, _ in by_frame}) >= 2, by_frame
+
+
+async def test_outages_left_open_or_met_at_start_are_closed(
+    env: Settings, server: KiteServer, pg: asyncpg.Connection
+) -> None:
+    # A previous run died while connection 0 was down: its outage is still open.
+    await pg.execute(
+        "INSERT INTO feed_outages (feed, connection, instruments, started_at, reason) "
+        "VALUES ('kite', 0, $1, now() - interval '1 minute', 'closed')",
+        TOKENS,
+    )
+    await server.kill()  # and this run starts while Kite is unreachable
+    async with running_feed(env, config_for(server, env, TOKENS)) as feed:
+        await until(lambda: bool(feed.connections), "connections built")
+        await until(lambda: feed.connections[0].failed_connects >= 2, "refused attempts")
+        assert not server.clients
+        await server.start()
+        await until(lambda: feed.connections[0].reconnects == 1, "connected after the refusals")
+    rows = await pg.fetch("SELECT reason, ended_at FROM feed_outages ORDER BY id")
+    assert [r["reason"] for r in rows] == ["closed", "error"]
+    assert all(r["ended_at"] is not None for r in rows)

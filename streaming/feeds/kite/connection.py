@@ -22,6 +22,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from nadi.times import to_epoch_ns
 from streaming.feeds.kite import metrics
 from streaming.feeds.kite.config import KiteFeedConfig
 from streaming.feeds.kite.protocol import mode_message, subscribe_message
@@ -64,7 +65,10 @@ class KiteConnection:
         self.resumed_after = resumed_after
         self.connects = 0  # successful subscribes
         self.reconnects = 0
-        self.last_frame_ns = time.time_ns()
+        self.failed_connects = 0
+        # An outage begins at the last frame received: for a restarted adapter that is no
+        # later than when its previous run last produced.
+        self.last_frame_ns = time.time_ns() if resumed_after is None else to_epoch_ns(resumed_after)
         self.subscribed = asyncio.Event()  # set while subscribed (tests wait on it)
         self._log = log.bind(connection=index, tokens=len(tokens))
 
@@ -89,6 +93,7 @@ class KiteConnection:
                     outage, attempt = None, 0
                     reason = await self._read(ws)
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+                self.failed_connects += 1
                 self._log.warning("kite connect failed", error=repr(e)[:200], attempt=attempt)
             except ConnectionClosed as e:  # closed while subscribing
                 reason = "closed"
@@ -117,23 +122,24 @@ class KiteConnection:
         await ws.send(mode_message(self.config.mode, tokens).decode())
 
     async def _connected(self, outage: int | None, down_reason: str, now: int) -> None:
-        """Bookkeeping of a successful subscribe: close the outage it ends."""
+        """Bookkeeping of a successful subscribe: close the outage it ends, count and log it."""
         self.connects += 1
+        if self.connects == 1:
+            # A previous run that died while down left its outage open: it ends now. Else the
+            # time since that run last produced is this connection's outage.
+            abandoned = await self.state.close_abandoned(self.index, now, keep=outage)
+            if not abandoned and outage is None and self.resumed_after is not None:
+                outage = await self.state.open_outage(
+                    self.index, self.tokens, self.resumed_after, "adapter_restart"
+                )
+                down_reason = "adapter_restart"
+            self._log.info("kite subscribed", mode=str(self.config.mode))
         if outage is not None:
             await self.state.close_outage(outage, now)
             self.reconnects += 1
             metrics.RECONNECTS.labels(down_reason).inc()
-            self._log.warning("kite reconnected", outage_id=outage, reconnects=self.reconnects)
-        elif self.connects == 1:
-            # A previous run that died while down left its outage open: it ends now.
-            abandoned = await self.state.close_abandoned(self.index, now)
-            if not abandoned and self.resumed_after is not None:
-                oid = await self.state.open_outage(
-                    self.index, self.tokens, self.resumed_after, "adapter_restart"
-                )
-                await self.state.close_outage(oid, now)
-                self._log.warning("kite adapter restarted", outage_id=oid)
-            self._log.info("kite subscribed", mode=str(self.config.mode))
+            self._log.warning("kite reconnected", outage_id=outage, reason=down_reason,
+                              reconnects=self.reconnects)  # fmt: skip
         self.subscribed.set()
         metrics.CONNECTED.labels(str(self.index)).set(1)
 

@@ -121,13 +121,15 @@ class FeedState:
         )
 
     @_transient
-    async def close_abandoned(self, connection: int, ended_ns: int) -> int:
-        """Close outages a previous run left open on ``connection`` (it died while down)."""
+    async def close_abandoned(self, connection: int, ended_ns: int, keep: int | None) -> int:
+        """Close outages a previous run left open on ``connection`` (it died while down);
+        ``keep`` is this run's own open outage, if any."""
         result = await self.pool.execute(
             "UPDATE feed_outages SET ended_at = greatest(started_at, $3) "
-            "WHERE feed = $1 AND connection = $2 AND ended_at IS NULL",
+            "WHERE feed = $1 AND connection = $2 AND ended_at IS NULL AND id <> $4",
             self.feed,
             connection,
             _ts(ended_ns),
+            -1 if keep is None else keep,
         )
         return int(result.split()[-1])
