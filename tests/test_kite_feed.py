@@ -28,7 +28,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from nadi.db.pool import create_pool
+from nadi.instruments import bundled_instruments, upsert_instruments
 from nadi.settings import Settings
+from streaming.feeds.kite.cli import build_config
 from streaming.feeds.kite.config import KiteFeedConfig
 from streaming.feeds.kite.feed import KafkaTickSink, KiteFeed
 from streaming.feeds.kite.protocol import Mode
@@ -435,3 +437,21 @@ async def test_outages_left_open_or_met_at_start_are_closed(
     rows = await pg.fetch("SELECT reason, ended_at FROM feed_outages ORDER BY id")
     assert [r["reason"] for r in rows] == ["closed", "error"]
     assert all(r["ended_at"] is not None for r in rows)
+
+
+async def test_symbols_are_resolved_through_the_instrument_master(
+    env: Settings, pg: asyncpg.Connection
+) -> None:
+    master = bundled_instruments()[:3]
+    await upsert_instruments(pg, master)
+    spec = ",".join(f"{i.exchange}:{i.tradingsymbol.lower()}" for i in reversed(master))
+    config = await asyncio.to_thread(
+        build_config, env.model_copy(update={"kite_api_key": "k", "kite_access_token": "t"}),
+        "", None, Mode.FULL, None, spec,
+    )  # fmt: skip
+    assert config.tokens == tuple(i.instrument_token for i in reversed(master))
+    with pytest.raises(ValueError, match="NSE:NO-SUCH-SYMBOL"):
+        await asyncio.to_thread(
+            build_config, env.model_copy(update={"kite_api_key": "k", "kite_access_token": "t"}),
+            "", None, Mode.FULL, None, "NSE:NO-SUCH-SYMBOL",
+        )  # fmt: skip

@@ -272,7 +272,7 @@ def test_config_from_settings_and_files(tmp_path: Path) -> None:
     assert build_config(s, "", plain, Mode.FULL, "other").tokens == (738561, 5633)
     with pytest.raises(ValueError, match="not an instrument token"):
         build_config(s, "5633,INFY", None, Mode.FULL, None)
-    with pytest.raises(ValueError, match="--tokens or --instruments-file"):
+    with pytest.raises(ValueError, match="--tokens, --instruments-file or --symbols"):
         build_config(s, "", None, Mode.FULL, None)
     with pytest.raises(ValueError, match="NADI_KITE_API_KEY"):
         build_config(s.model_copy(update={"kite_access_token": ""}), "1", None, Mode.FULL, None)

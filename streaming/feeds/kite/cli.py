@@ -18,18 +18,32 @@ import typer
 from nadi.settings import Settings, get_settings
 from streaming.feeds.kite.config import KiteFeedConfig
 from streaming.feeds.kite.protocol import Mode
-from streaming.feeds.kite.subscriptions import parse_tokens, read_instruments_file, split
+from streaming.feeds.kite.subscriptions import (
+    parse_symbols,
+    parse_tokens,
+    read_instruments_file,
+    resolve_symbols,
+    split,
+)
 
 
 def build_config(
-    settings: Settings, tokens: str, instruments_file: Path | None, mode: Mode, topic: str | None
+    settings: Settings,
+    tokens: str,
+    instruments_file: Path | None,
+    mode: Mode,
+    topic: str | None,
+    symbols: str = "",
 ) -> KiteFeedConfig:
-    """The feed's configuration from the settings and the command line (ValueError if wrong)."""
+    """The feed's configuration from the settings and the command line (ValueError if wrong).
+    ``symbols`` are looked up in the instrument master (as nadi_ingest)."""
     chosen = parse_tokens(tokens)
     if instruments_file is not None:
         chosen += read_instruments_file(instruments_file)
+    if wanted := parse_symbols(symbols):
+        chosen += asyncio.run(_lookup(settings.ingest_dsn, wanted))
     if not chosen:
-        raise ValueError("give --tokens or --instruments-file")
+        raise ValueError("give --tokens, --instruments-file or --symbols")
     return KiteFeedConfig(
         ws_url=settings.kite_ws_url,
         api_key=settings.kite_api_key,
@@ -40,6 +54,16 @@ def build_config(
         heartbeat_timeout_s=settings.kite_heartbeat_timeout_s,
         reconnect_max_delay_s=settings.kite_reconnect_max_delay_s,
     )
+
+
+async def _lookup(dsn: str, symbols: list[tuple[str, str]]) -> list[int]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return await resolve_symbols(conn, symbols)
+    finally:
+        await conn.close()
 
 
 async def run_feed(settings: Settings, config: KiteFeedConfig) -> dict[str, object]:
@@ -96,6 +120,9 @@ def feed_kite(
             help="Kite instruments CSV (instrument_token column) or one token per line",
         ),
     ] = None,
+    symbols: str = typer.Option(
+        "", "--symbols", help="comma list of EXCHANGE:TRADINGSYMBOL, from the instrument master"
+    ),
     mode: Annotated[Mode, typer.Option("--mode", help="ltp | quote | full")] = Mode.FULL,
     topic: str | None = typer.Option(None, "--topic", help="default NADI_TOPIC_TICKS"),
 ) -> None:
@@ -104,7 +131,7 @@ def feed_kite(
 
     settings = get_settings()
     try:
-        config = build_config(settings, tokens, instruments_file, mode, topic)
+        config = build_config(settings, tokens, instruments_file, mode, topic, symbols)
     except (ValueError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
     configure()

@@ -1,4 +1,5 @@
-"""Which tokens to subscribe, and how they are split across connections."""
+"""Which tokens to subscribe (tokens, a file, or symbols looked up in the instrument master),
+and how they are split across connections."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import csv
 import io
 from collections.abc import Iterable
 from pathlib import Path
+
+import asyncpg
 
 from streaming.feeds.kite.config import MAX_CONNECTIONS, MAX_TOKENS_PER_CONNECTION
 
@@ -62,3 +65,35 @@ def split(
             f"{max_connections} of {per_connection} tokens per API key"
         )
     return chunks
+
+
+def parse_symbols(spec: str) -> list[tuple[str, str]]:
+    """``"NSE:INFY,NFO:NIFTY25DECFUT"`` -> [("NSE", "INFY"), ...] (Kite's exchange:symbol)."""
+    out: list[tuple[str, str]] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        exchange, sep, symbol = item.partition(":")
+        if not sep or not exchange or not symbol:
+            raise ValueError(f"--symbols: {item!r} is not EXCHANGE:TRADINGSYMBOL")
+        out.append((exchange.upper(), symbol.upper()))
+    return out
+
+
+async def resolve_symbols(conn: asyncpg.Connection, symbols: list[tuple[str, str]]) -> list[int]:
+    """Tokens of ``symbols`` from the instrument master (``instruments``), in the given order;
+    ValueError naming those the master does not have."""
+    if not symbols:
+        return []
+    rows = await conn.fetch(
+        "SELECT upper(exchange) AS e, upper(tradingsymbol) AS s, instrument_token FROM instruments "
+        "WHERE (upper(exchange), upper(tradingsymbol)) IN "
+        "(SELECT * FROM unnest($1::text[], $2::text[]))",
+        [e for e, _ in symbols],
+        [s for _, s in symbols],
+    )
+    found = {(r["e"], r["s"]): int(r["instrument_token"]) for r in rows}
+    missing = [f"{e}:{s}" for e, s in symbols if (e, s) not in found]
+    if missing:
+        raise ValueError(f"--symbols: not in the instrument master: {', '.join(missing[:20])}")
+    return [found[k] for k in symbols]
