@@ -212,7 +212,8 @@ class Settings(BaseSettings):
     # --- Kite Connect ticker (issue 14, `nadi feed kite`; README "Kite feed"). The access
     # token is the user's, from Kite's daily login flow; Nadi only reads it.
     kite_ws_url: str = Field(
-        "wss://ws.kite.trade", description="ticker WebSocket URL (tests and proxies point elsewhere)"
+        "wss://ws.kite.trade",
+        description="ticker WebSocket URL (tests and proxies point elsewhere)",
     )
     kite_api_key: str = Field("", description="Kite Connect API key")
     kite_access_token: str = Field("", repr=False, description="today's Kite access token")
