@@ -24,6 +24,7 @@ import asyncpg
 import msgspec
 import pytest
 from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -214,6 +215,11 @@ def oracle_prices(frames: list[bytes]) -> dict[int, list[float]]:
 TOKENS = [NSE_A, NSE_B, CDS, INDEX]
 
 
+def metric(name: str, **labels: str) -> float:
+    """A sample of this process's Prometheus registry (0 before the first increment)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def produced(s: Settings) -> list[dict[str, Any]]:
     """Every message on the test's topic, decoded."""
     records = await read_all(s.kafka_bootstrap, s.topic_ticks)
@@ -293,6 +299,7 @@ async def test_watchdog_reconnects_a_silent_connection(
     env: Settings, server: KiteServer, pg: asyncpg.Connection
 ) -> None:
     config = config_for(server, env, [NSE_A], heartbeat_timeout_s=0.5)
+    before = metric("nadi_kite_reconnects_total", reason="watchdog")
     async with running_feed(env, config) as feed:
         await until(lambda: len(server.live()) == 1, "subscribe")
         await asyncio.sleep(1.0)  # heartbeats keep it up past the timeout
@@ -305,6 +312,7 @@ async def test_watchdog_reconnects_a_silent_connection(
         server.silent = False
         await until(lambda: feed.connections[0].reconnects == 1, "reconnect counted")
         assert server.clients[1].ready
+        assert metric("nadi_kite_reconnects_total", reason="watchdog") == before + 1
     (o,) = await pg.fetch("SELECT reason, ended_at FROM feed_outages")
     assert o["reason"] == "watchdog" and o["ended_at"] is not None
 
@@ -313,6 +321,7 @@ async def test_bad_frames_and_text_are_counted_and_the_feed_goes_on(
     env: Settings, server: KiteServer
 ) -> None:
     now_s = int(time.time())
+    before = metric("nadi_kite_bad_packets_total", reason="truncated")
     async with running_feed(env, config_for(server, env, TOKENS)) as feed:
         await until(lambda: len(server.live()) == 1, "subscribe")
         await server.play(b"\xff\xff\x00\x05garbage")  # "garba" (length 5), then cut
@@ -326,6 +335,7 @@ async def test_bad_frames_and_text_are_counted_and_the_feed_goes_on(
         await until(lambda: sum(feed.stats.text.values()) == 3, "text frames")
         assert feed.stats.bad == {"truncated": 2, "unknown_length": 2}
         assert feed.stats.text == {"error": 1, "order": 1, "invalid": 1}
+        assert metric("nadi_kite_bad_packets_total", reason="truncated") == before + 2
         assert feed.connections[0].reconnects == 0
 
 
