@@ -31,11 +31,12 @@ from websockets.exceptions import ConnectionClosed
 from nadi.db.pool import create_pool
 from nadi.instruments import bundled_instruments, upsert_instruments
 from nadi.settings import Settings
+from nadi.tick import Tick
 from streaming.feeds.kite.cli import build_config
 from streaming.feeds.kite.config import KiteFeedConfig
 from streaming.feeds.kite.feed import KafkaTickSink, KiteFeed
 from streaming.feeds.kite.protocol import Mode
-from streaming.feeds.kite.state import FeedState
+from streaming.feeds.kite.state import FeedLocked, FeedState
 from streaming.feeds.kite.subscriptions import split
 from tests.kafka_util import read_all, wait_caught_up
 from tests.processor_util import private_settings, reset_state, running_worker
@@ -465,3 +466,28 @@ async def test_symbols_are_resolved_through_the_instrument_master(
             build_config, env.model_copy(update={"kite_api_key": "k", "kite_access_token": "t"}),
             "", None, Mode.FULL, None, "NSE:NO-SUCH-SYMBOL",
         )  # fmt: skip
+
+
+async def test_a_second_adapter_on_the_same_database_is_refused(
+    env: Settings, server: KiteServer
+) -> None:
+    async with running_feed(env, config_for(server, env, [NSE_A])):
+        await until(lambda: len(server.live()) == 1, "first adapter subscribed")
+        pool = await create_pool(env, dsn=env.ingest_dsn, max_size=2)
+        try:
+            second = KiteFeed(config_for(server, env, [NSE_B]), FeedState(pool, "kite"), NoSink())
+            with pytest.raises(FeedLocked, match="another `nadi feed kite`"):
+                await asyncio.wait_for(second.run(), 10)
+        finally:
+            await pool.close()
+        assert len(server.clients) == 1  # the second never connected
+    # Once the first is gone, a new run may start.
+    async with running_feed(env, config_for(server, env, [NSE_A])):
+        await until(lambda: len(server.live()) == 1, "next adapter subscribed")
+
+
+class NoSink:
+    """The second adapter must stop before producing anything."""
+
+    async def send(self, ticks: list[Tick]) -> None:
+        raise AssertionError("a refused adapter produced")

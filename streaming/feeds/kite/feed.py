@@ -93,7 +93,12 @@ class KiteFeed:
         self.ready = asyncio.Event()  # connections built (tests wait on it)
 
     async def run(self) -> None:
-        """Until cancelled (or a connection task fails)."""
+        """Until cancelled (or a connection task fails); :class:`FeedLocked` at once if
+        another adapter of the feed runs against the database."""
+        async with self.state.exclusive():
+            await self._run()
+
+    async def _run(self) -> None:
         today = trading_day_ordinal(time.time_ns())
         # Yesterday too: ticks stamped just before midnight IST can still arrive after it.
         self.sequencer = Sequencer(await self.state.load_sequences(today - 1))

@@ -10,7 +10,8 @@ connection's packets into about one frame a second).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -46,12 +47,36 @@ def _ts(ns: int) -> datetime:
     return to_datetime_us(ns // 1000)
 
 
+class FeedLocked(RuntimeError):
+    """Another adapter of the feed holds the database's lock."""
+
+
 class FeedState:
     """Sequence high-water marks and outages of one feed, through ``pool`` (nadi_ingest)."""
 
     def __init__(self, pool: asyncpg.Pool, feed: str) -> None:
         self.pool = pool
         self.feed = feed
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Held for a whole run: a second adapter of the same feed on this database (which
+        would hand out the same numbers) is refused. A session advisory lock on a connection
+        of its own, so a killed adapter's lock goes with its connection."""
+        conn = await self.pool.acquire()
+        try:
+            key = f"nadi.feed.{self.feed}"
+            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                raise FeedLocked(
+                    f"another `nadi feed {self.feed}` runs against this database: refusing to "
+                    "number the same instruments twice"
+                )
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        finally:
+            await self.pool.release(conn)
 
     async def load_sequences(self, since_day: int) -> dict[DayKey, int]:
         """Last numbers handed out for trading days from ``since_day`` (an ordinal) on."""
