@@ -34,6 +34,7 @@ from nadi.settings import Settings
 from nadi.tick import Tick
 from streaming.feeds.kite.cli import build_config
 from streaming.feeds.kite.config import KiteFeedConfig
+from streaming.feeds.kite.connection import HandlerFailed
 from streaming.feeds.kite.feed import KafkaTickSink, KiteFeed
 from streaming.feeds.kite.protocol import Mode
 from streaming.feeds.kite.state import FeedLocked, FeedState
@@ -491,3 +492,27 @@ class NoSink:
 
     async def send(self, ticks: list[Tick]) -> None:
         raise AssertionError("a refused adapter produced")
+
+
+class BrokenSink:
+    """Kafka down past the producer's own retries, as the feed sees it."""
+
+    async def send(self, ticks: list[Tick]) -> None:
+        raise ConnectionResetError("broker gone")
+
+
+async def test_a_failing_sink_ends_the_feed_instead_of_reconnecting(
+    env: Settings, server: KiteServer
+) -> None:
+    pool = await create_pool(env, dsn=env.ingest_dsn, max_size=2)
+    try:
+        feed = KiteFeed(config_for(server, env, [NSE_A]), FeedState(pool, "kite"), BrokenSink())
+        task = asyncio.create_task(feed.run())
+        await until(lambda: len(server.live()) == 1, "subscribe")
+        await server.play(market_frame(0, int(time.time())))
+        with pytest.raises(ExceptionGroup) as caught:
+            await asyncio.wait_for(task, 10)
+        assert caught.group_contains(HandlerFailed)
+        assert len(server.clients) == 1 and feed.stats.ticks == 0
+    finally:
+        await pool.close()

@@ -34,6 +34,10 @@ TextHandler = Callable[[int, str], None]
 log = structlog.get_logger("nadi.feeds.kite")
 
 
+class HandlerFailed(Exception):
+    """A frame could not be handled (sink or database down): ends the feed."""
+
+
 def backoff_s(attempt: int, initial: float, cap: float) -> float:
     """Wait before reconnect attempt ``attempt`` (0-based): exponential, capped, jittered
     into [50%, 100%] of the step."""
@@ -94,7 +98,8 @@ class KiteConnection:
                     reason = await self._read(ws)
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
                 self.failed_connects += 1
-                self._log.warning("kite connect failed", error=repr(e)[:200], attempt=attempt)
+                error = repr(e)[:300].replace(self.config.access_token, "***")  # URLs hold it
+                self._log.warning("kite connect failed", error=error, attempt=attempt)
             except ConnectionClosed as e:  # closed while subscribing
                 reason = "closed"
                 self._log.warning("kite connection closed", code=e.rcvd and e.rcvd.code)
@@ -158,7 +163,12 @@ class KiteConnection:
                 self._log.warning("kite connection closed", code=e.rcvd and e.rcvd.code)
                 return "closed"
             self.last_frame_ns = now = time.time_ns()
-            if isinstance(msg, bytes):
-                await self.on_binary(self.index, msg, now)
-            else:
-                self.on_text(self.index, msg)
+            try:
+                if isinstance(msg, bytes):
+                    await self.on_binary(self.index, msg, now)
+                else:
+                    self.on_text(self.index, msg)
+            except Exception as e:
+                # The sink or the database failed past their retries: not a connection
+                # problem to reconnect from; the feed ends (feed.py).
+                raise HandlerFailed(f"connection {self.index}: frame handling failed") from e
