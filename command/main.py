@@ -18,6 +18,7 @@ from command import bench
 from command.replay import replay
 from command.services import services_app
 from command.up import up
+from streaming.feeds.kite.cli import feed_kite
 from streaming.processor.cli import process
 from streaming.simulator.cli import instruments_load, simulate
 
@@ -56,6 +57,9 @@ bench.mount(app)
 instruments_app = typer.Typer(help="The instrument master.", no_args_is_help=True)
 app.add_typer(instruments_app, name="instruments")
 instruments_app.command("load")(instruments_load)
+feed_app = typer.Typer(help="Live feed adapters into ticks.raw.", no_args_is_help=True)
+app.add_typer(feed_app, name="feed")
+feed_app.command("kite")(feed_kite)
 
 
 def main() -> None:

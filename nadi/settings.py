@@ -259,6 +259,22 @@ class Settings(BaseSettings):
     exporter_interval_s: float = Field(5.0, gt=0, description="exporter collection period")
     prometheus_port: int = Field(9090, ge=1, le=65535, description="local Prometheus")
 
+    # --- Kite Connect ticker (issue 14, `nadi feed kite`; README "Kite feed"). The access
+    # token is the user's, from Kite's daily login flow; Nadi only reads it.
+    kite_ws_url: str = Field(
+        "wss://ws.kite.trade",
+        description="ticker WebSocket URL (tests and proxies point elsewhere)",
+    )
+    kite_api_key: str = Field("", description="Kite Connect API key")
+    kite_access_token: str = Field("", repr=False, description="today's Kite access token")
+    kite_heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="reconnect a connection silent this long (Kite beats each second)"
+    )
+    kite_reconnect_max_delay_s: float = Field(
+        60.0, gt=0, description="longest wait between reconnect attempts (exponential backoff)"
+    )
+    kite_metrics_port: int = Field(9128, ge=0, le=65535, description="0: no /metrics")
+
     @field_validator("pg_dsn", "pg_ingest_dsn", "pg_api_dsn", "pg_maint_dsn")
     @classmethod
     def _pg_dsn_is_postgres(cls, v: str) -> str:

@@ -14,6 +14,7 @@ def _names(group: typer.Typer) -> set[str]:
 def test_top_level_verbs() -> None:
     assert _names(app) == {
         "up", "services", "migrate", "simulate", "process", "api", "replay", "bench", "instruments",
+        "feed",
     }  # fmt: skip
 
 
@@ -22,6 +23,7 @@ def test_sub_verbs() -> None:
     subs = {name: set(getattr(cmd, "commands", {})) for name, cmd in group.commands.items()}
     assert subs["services"] == {"up", "down", "status"}
     assert subs["instruments"] == {"load"}
+    assert subs["feed"] == {"kite"}
     # From a checkout, the benchmarks are mounted (an installed wheel gets a one-line refusal:
     # tests/test_wheel.py).
     assert subs["bench"] == {"ingest", "replay", "candles", "latency", "ws", "pipelines", "faults"}

@@ -46,6 +46,8 @@ TABLES: dict[str, tuple[str, str, str]] = {
     "ingest_state": (RW, "", RW),
     "eod_reconciliation": ("", R, RWD),
     "schema_migrations": ("", "", R),
+    "feed_sequences": (RW, "", R),  # 0016: the Kite adapter's sequence state
+    "feed_outages": (RW, R, RW),
     "schema_migration_progress": ("", "", ""),  # the runner's, as the owner only
     # Apache edition: rollup hypertables the refresh writes; Timescale license: continuous
     # aggregates owned by nadi_maint (see CAGG_TABLES).
@@ -55,6 +57,7 @@ TABLES: dict[str, tuple[str, str, str]] = {
 CAGG_TABLES = {"candles_1m", "candles_5m"}
 SEQUENCES: dict[str, tuple[str, str, str]] = {
     "sequence_gaps_id_seq": ("USAGE", "", "USAGE"),
+    "feed_outages_id_seq": ("USAGE", "", "USAGE"),
 }
 # function name -> roles with EXECUTE (PUBLIC has none on ours).
 FUNCTIONS: dict[str, set[str]] = {
