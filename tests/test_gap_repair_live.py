@@ -16,12 +16,12 @@ import redis.asyncio as aioredis
 from nadi.calendar import today_ist
 from nadi.db.tick_writer import init_connection, write_batch
 from nadi.redis_keys import RedisKeys
+from nadi.repair import GapOutcome, claim_for_run, repair_batch
 from nadi.ring import RingWriter, decode_live_entry
 from nadi.sequence import Gap
 from nadi.settings import Settings
 from nadi.tick import Tick
 from nadi.times import NS, trading_day_ordinal
-from nadi.repair import GapOutcome, claim_for_run, repair_batch
 from pipelines.resources import RecoverySourceResource
 from tests.feedgen import tick
 from tests.processor_util import reset_state
