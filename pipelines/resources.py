@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from dagster import ConfigurableResource
 
 from nadi.db.tick_writer import init_connection
-from nadi.recovery import fetch_bhavcopy, fetch_retransmission
+from nadi.recovery import RecoveryClient, fetch_bhavcopy, fetch_retransmission
+from nadi.repair import Retransmitter
 from nadi.settings import Settings
 from nadi.tick import Tick
 
@@ -138,6 +139,11 @@ class RecoverySourceResource(_Resource, ABC):
     async def bhavcopy(self, day: date) -> str | None:
         """See :meth:`RecoverySource.bhavcopy`."""
 
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Retransmitter]:
+        """What a batch of repairs fetches through (here: the resource itself)."""
+        yield self
+
 
 class SimulatorRecoveryResource(RecoverySourceResource):
     """The simulator's retransmission service (``nadi simulate`` serves it on port 8765).
@@ -154,6 +160,12 @@ class SimulatorRecoveryResource(RecoverySourceResource):
         return await fetch_retransmission(
             self.url, token, day, from_seq, to_seq, timeout_s=self.timeout_s
         )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Retransmitter]:
+        """One pooled HTTP client for the whole batch."""
+        async with RecoveryClient(self.url, timeout_s=self.timeout_s) as client:
+            yield client
 
     async def bhavcopy(self, day: date) -> str | None:
         return await fetch_bhavcopy(

@@ -76,13 +76,14 @@ async def run_repair(
     async with (
         redis.client() as client,
         timescale.connect(staging=True) as conn,
+        recovery.session() as source,
     ):
         ring = RingWriter(
             client, await RedisKeys.load(conn), maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s
         )
         gaps = await claim_for_run(conn, key, gap_ids=config.gap_ids, day=day)
         outcomes = await repair_batch(
-            conn, recovery, gaps, key=key, today=today, max_attempts=recovery.max_attempts,
+            conn, source, gaps, key=key, today=today, max_attempts=recovery.max_attempts,
             concurrency=config.concurrency, ring=ring,
         )  # fmt: skip
         return outcomes + await not_taken(conn, key, config.gap_ids, [g.id for g in gaps])
