@@ -50,8 +50,8 @@ from pipelines.assets.candles import candles
 from pipelines.assets.eod import eod_reconciliation
 from pipelines.launch import CODE_LOCATION, ensure_dagster_home
 from pipelines.partitions import partition_key
-from pipelines.sensors import ACTIVE_RUN_STATUSES
 from pipelines.resources import resources_from_settings
+from pipelines.sensors import ACTIVE_RUN_STATUSES
 from streaming.simulator.bhavcopy import write_bhavcopy
 from streaming.simulator.generator import DEFAULT_DENSITY, DayGenerator
 from streaming.simulator.recovery import create_recovery_app
