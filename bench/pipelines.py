@@ -54,7 +54,7 @@ from pipelines.resources import resources_from_settings
 from pipelines.sensors import ACTIVE_RUN_STATUSES
 from streaming.simulator.bhavcopy import write_bhavcopy
 from streaming.simulator.generator import DEFAULT_DENSITY, DayGenerator
-from streaming.simulator.recovery import create_recovery_app
+from streaming.simulator.recovery import GeneratorRegistry, create_recovery_app
 
 SEED = 5
 GAPS = 500  # the measured batch, across all 94 bundled instruments
@@ -290,9 +290,13 @@ def run(base: Settings) -> dict[str, object]:
     drops = _drops(gen, GAPS + ONE_RUN_GAPS + CANARIES)
     load_s, (n_ticks, n_gaps) = _timed(lambda: asyncio.run(_load(s, gen, drops)))
     write_bhavcopy(gen, bhav)
+    # The feed's own generator serves retransmissions, as `nadi simulate` registers its live
+    # ones: what the exchange replays is exactly what was sent.
+    registry = GeneratorRegistry(SEED, insts, density=DEFAULT_DENSITY)
+    registry.register(gen)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_recovery_app(SEED, insts, density=DEFAULT_DENSITY),
+            create_recovery_app(SEED, insts, density=DEFAULT_DENSITY, registry=registry),
             host="127.0.0.1", port=port, log_level="warning", lifespan="off",
         )
     )  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -348,11 +349,14 @@ async def repair_batch(
     max_attempts: int,
     concurrency: int,
     ring: RingWriter | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[GapOutcome]:
     """Repair ``gaps`` (held under ``key``; ``conn`` has the tick writer's staging tables),
-    then release the claim. At most ``concurrency`` requests to the source at a time."""
+    then release the claim. At most ``concurrency`` requests to the source at a time.
+    ``timings`` gets the seconds of each phase (look-up, fetch, write, close)."""
+    t = timings if timings is not None else {}
     try:
-        return await _repair(conn, source, gaps, today, max_attempts, concurrency, ring)
+        return await _repair(conn, source, gaps, today, max_attempts, concurrency, ring, t)
     finally:
         await release(conn, [key])
 
@@ -365,7 +369,16 @@ async def _repair(
     max_attempts: int,
     concurrency: int,
     ring: RingWriter | None,
+    timings: dict[str, float],
 ) -> list[GapOutcome]:
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
     stored = await stored_sequences(conn, gaps)
     outcomes = {g.id: GapOutcome.of(g, "open") for g in gaps}
     todo: list[tuple[GapRow, list[int]]] = []
@@ -376,7 +389,9 @@ async def _repair(
         if missing:
             todo.append((g, missing))
     sem = asyncio.Semaphore(max(1, concurrency))
+    lap("lookup_s")
     fetched = await asyncio.gather(*(_fetch_gap(source, g, m, sem) for g, m in todo))
+    lap("fetch_s")
     errors: dict[int, str] = {}
     good: list[tuple[int, Tick]] = []
     for (g, _), (ticks, err) in zip(todo, fetched, strict=True):
@@ -408,6 +423,7 @@ async def _repair(
             )  # fmt: skip
             for (gid, _, _), off in zip(live, offsets, strict=True):
                 outcomes[gid].pushed_live += 1 if off else 0
+    lap("write_s")
     whole: list[int] = []
     for g in gaps:
         o = outcomes[g.id]
@@ -439,6 +455,7 @@ async def _repair(
            WHERE g.id = u.id AND g.status = 'open'""",
         [o.gap_id for o in rest], [o.reason for o in rest], [o.status for o in rest],
     )  # fmt: skip
+    lap("close_s")
     return [outcomes[g.id] for g in gaps]
 
 

@@ -69,6 +69,7 @@ async def run_repair(
     run_id: str,
     day: date | None,
     today: date,
+    timings: dict[str, float] | None = None,
 ) -> list[GapOutcome]:
     """One batch: claim (or take the sensor's claim), repair, release; ``day`` None is any
     day (the off-calendar job). Today's repaired ticks are pushed live too."""
@@ -84,7 +85,7 @@ async def run_repair(
         gaps = await claim_for_run(conn, key, gap_ids=config.gap_ids, day=day)
         outcomes = await repair_batch(
             conn, source, gaps, key=key, today=today, max_attempts=recovery.max_attempts,
-            concurrency=config.concurrency, ring=ring,
+            concurrency=config.concurrency, ring=ring, timings=timings,
         )  # fmt: skip
         return outcomes + await not_taken(conn, key, config.gap_ids, [g.id for g in gaps])
 
@@ -105,9 +106,12 @@ def _outcomes_md(outcomes: Sequence[GapOutcome], limit: int = 100) -> str:
     return "\n".join(lines)
 
 
-def gap_repair_metadata(outcomes: Sequence[GapOutcome], elapsed_ms: float) -> dict[str, Any]:
+def gap_repair_metadata(
+    outcomes: Sequence[GapOutcome], elapsed_ms: float, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
     count = count_by_status(outcomes)
     return {
+        **{f"phase_{k}": MetadataValue.float(v) for k, v in (timings or {}).items()},
         "gaps_attempted": MetadataValue.int(len(outcomes)),
         "gaps_repaired": MetadataValue.int(count["repaired"]),
         "gaps_still_open": MetadataValue.int(count["open"]),
@@ -156,21 +160,24 @@ def gap_repair(
 ) -> Iterator[MaterializeResult[Any] | AssetCheckResult]:
     t0 = time.perf_counter()
     outcomes: list[GapOutcome] = []
+    timings: dict[str, float] = {}
     today = today_ist()
     for key in context.partition_keys:
         outcomes += run_async(
             run_repair(
                 timescale, recovery, redis, config, run_id=context.run_id,
-                day=key_to_day(key), today=today,
+                day=key_to_day(key), today=today, timings=timings,
             )
         )  # fmt: skip
     elapsed = round((time.perf_counter() - t0) * 1000, 1)
     count = count_by_status(outcomes)
     context.log.info(
-        f"{len(outcomes)} gaps: " + ", ".join(f"{n} {s}" for s, n in count.items() if n)
+        f"{len(outcomes)} gaps: "
+        + ", ".join(f"{n} {s}" for s, n in count.items() if n)
+        + f" in {elapsed:.0f} ms {timings}"
     )
     for o in outcomes:
         if o.status != "repaired":
             context.log.warning(f"gap {o.gap_id}: {o.status}: {o.reason or ''}")
-    yield MaterializeResult(metadata=gap_repair_metadata(outcomes, elapsed))
+    yield MaterializeResult(metadata=gap_repair_metadata(outcomes, elapsed, timings))
     yield gaps_check_result("gap_repair", outcomes)
