@@ -462,3 +462,41 @@ async def _repair(
 def count_by_status(outcomes: Sequence[GapOutcome]) -> dict[GapStatus, int]:
     statuses: tuple[GapStatus, ...] = ("repaired", "open", "unrecoverable", "skipped")
     return {s: sum(o.status == s for o in outcomes) for s in statuses}
+
+
+@dataclass(frozen=True, slots=True)
+class GapMetrics:
+    """What alerts watch: open gaps, the oldest one's age, and today's (IST) outcomes."""
+
+    open: int
+    oldest_open_age_s: float  # 0 with nothing open
+    claimed: int  # open gaps a repair run holds right now
+    unrecoverable_today: int
+    repaired_today: int  # closed today, by a repair or by a late arrival
+
+
+# Every term is served by a partial index of 0004/0014 (open gaps, repaired_at,
+# unrecoverable_at); "today" starts at 00:00 IST. Readable by nadi_api (SELECT on the table).
+GAP_METRICS_SQL = """
+WITH d AS (SELECT date_trunc('day', now() AT TIME ZONE 'Asia/Kolkata')
+                  AT TIME ZONE 'Asia/Kolkata' AS start)
+SELECT
+  (SELECT count(*) FROM sequence_gaps WHERE status = 'open') AS open,
+  (SELECT coalesce(extract(epoch FROM now() - min(detected_at)), 0)::float8
+     FROM sequence_gaps WHERE status = 'open') AS oldest_open_age_s,
+  (SELECT count(*) FROM sequence_gaps WHERE status = 'open' AND claimed_by IS NOT NULL)
+     AS claimed,
+  (SELECT count(*) FROM sequence_gaps, d WHERE unrecoverable_at >= d.start)
+     AS unrecoverable_today,
+  (SELECT count(*) FROM sequence_gaps, d WHERE status = 'repaired' AND repaired_at >= d.start)
+     AS repaired_today
+"""
+
+
+async def gap_metrics(conn: asyncpg.Connection) -> GapMetrics:
+    r = await conn.fetchrow(GAP_METRICS_SQL)
+    assert r is not None
+    return GapMetrics(
+        int(r["open"]), float(r["oldest_open_age_s"]), int(r["claimed"]),
+        int(r["unrecoverable_today"]), int(r["repaired_today"]),
+    )  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
 
 from nadi.db.tick_writer import init_connection, write_batch
-from nadi.repair import claim_batches, claim_for_run, repair_batch
+from nadi.repair import claim_batches, claim_for_run, gap_metrics, repair_batch
 from nadi.sequence import Gap
 from nadi.settings import Settings
 from nadi.tick import Tick
@@ -248,3 +248,20 @@ async def test_unrecoverable_after_max_attempts(
     r = await pg.fetchrow("SELECT * FROM sequence_gaps WHERE id = $1", gid)
     assert r is not None and r["status"] == "unrecoverable" and r["claimed_by"] is None
     assert r["reason"] == "after 3 attempts: the last repair run did not finish"
+
+
+async def test_gap_metrics(migrated: Settings, pg: asyncpg.Connection) -> None:
+    await _market(pg, migrated, gaps_per_token=1)  # 20 gaps, detected a minute ago
+    m = await gap_metrics(pg)
+    assert (m.open, m.claimed, m.unrecoverable_today, m.repaired_today) == (20, 0, 0, 0)
+    assert 59 <= m.oldest_open_age_s < 600
+    c = await claim_batches(pg, grace_s=1, batch_size=100, max_batches=5, max_attempts=3)
+    assert (await gap_metrics(pg)).claimed == 20
+    await init_connection(pg)
+    await repair_batch(pg, _Source(), c.batches[0].gaps, key=c.batches[0].key,
+                       today=date(2026, 1, 1), max_attempts=3, concurrency=2)  # fmt: skip
+    await repair_batch(pg, _Source(empty=True), c.batches[1].gaps, key=c.batches[1].key,
+                       today=date(2026, 1, 1), max_attempts=1, concurrency=2)  # fmt: skip
+    m = await gap_metrics(pg)
+    assert (m.open, m.claimed, m.unrecoverable_today, m.repaired_today) == (0, 0, 10, 10)
+    assert m.oldest_open_age_s == 0
