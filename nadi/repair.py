@@ -170,11 +170,14 @@ async def claim_batches(
     batch_size: int,
     max_batches: int,
     max_attempts: int,
+    retry_s: float = 0.0,
 ) -> Claims:
     """Claim open, unclaimed gaps older than ``grace_s`` (late arrivals close most younger
     ones) as batches; one transaction. Rows another transaction holds are skipped (SKIP
-    LOCKED), so two concurrent calls never claim the same gap. A gap whose attempts are used
-    up (its last run died before deciding) is declared unrecoverable instead."""
+    LOCKED), so two concurrent calls never claim the same gap. After a failed attempt a gap
+    waits ``retry_s`` x 2^(attempts - 1) from that attempt's claim (a recovery service down
+    for a minute does not use up every attempt). A gap whose attempts are used up (its last
+    run died before deciding) is declared unrecoverable instead."""
     out = Claims()
     if max_batches <= 0:
         return out
@@ -185,10 +188,13 @@ async def claim_batches(
                 f"""SELECT {_GAP_COLUMNS} FROM sequence_gaps
                     WHERE status = 'open' AND claimed_by IS NULL
                       AND detected_at <= now() - make_interval(secs => $1)
+                      AND (claimed_at IS NULL OR repair_attempts = 0 OR claimed_at <= now()
+                           - make_interval(secs => $3 * 2 ^ (repair_attempts - 1)))
                     ORDER BY detected_at, id LIMIT $2
                     FOR UPDATE SKIP LOCKED""",
                 grace_s,
                 batch_size * max_batches,
+                retry_s,
             )
         ]
         spent = [g for g in rows if g.repair_attempts >= max_attempts]
@@ -269,9 +275,10 @@ async def not_taken(
 
 
 async def release(conn: asyncpg.Connection, keys: Sequence[str]) -> int:
-    """Drop the claims ``keys`` (a run ended, or died): their open gaps are free again."""
+    """Drop the claims ``keys`` (a run ended, or died): their open gaps are free again.
+    ``claimed_at`` stays: when the last attempt began (the retry backoff counts from it)."""
     n = await conn.fetchval(
-        """WITH r AS (UPDATE sequence_gaps SET claimed_by = NULL, claimed_at = NULL
+        """WITH r AS (UPDATE sequence_gaps SET claimed_by = NULL
                       WHERE claimed_by = ANY($1::text[]) RETURNING 1)
            SELECT count(*) FROM r""",
         list(keys),

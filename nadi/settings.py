@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     gap_repair_grace_s: float = Field(
         10.0, ge=0, description="gaps younger than this are left to late arrivals"
     )
+    gap_repair_retry_s: float = Field(
+        30.0, ge=0, description="after a failed attempt, wait this x 2^(attempts - 1)"
+    )
     gap_repair_claim_timeout_s: float = Field(
         120.0, gt=0, description="a claim whose run never appeared is released after this"
     )

@@ -61,6 +61,7 @@ class GapSensorPolicy:
     interval_s: int = 5
     grace_s: float = 10.0
     claim_timeout_s: float = 120.0
+    retry_s: float = 30.0
     max_attempts: int = 3
     concurrency: int = 8
 
@@ -69,7 +70,7 @@ class GapSensorPolicy:
         return cls(
             batch_size=s.gap_repair_batch_size, max_runs=s.gap_repair_max_runs,
             interval_s=s.gap_repair_sensor_interval_s, grace_s=s.gap_repair_grace_s,
-            claim_timeout_s=s.gap_repair_claim_timeout_s,
+            claim_timeout_s=s.gap_repair_claim_timeout_s, retry_s=s.gap_repair_retry_s,
             max_attempts=s.gap_repair_max_attempts, concurrency=s.gap_repair_concurrency,
         )  # fmt: skip
 
@@ -145,6 +146,7 @@ async def _claim(
         claims = await claim_batches(
             conn, grace_s=policy.grace_s, batch_size=policy.batch_size,
             max_batches=policy.max_runs - n_active, max_attempts=policy.max_attempts,
+            retry_s=policy.retry_s,
         )  # fmt: skip
     return claims.batches, claims.gave_up, freed
 

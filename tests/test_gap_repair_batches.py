@@ -265,3 +265,29 @@ async def test_gap_metrics(migrated: Settings, pg: asyncpg.Connection) -> None:
     m = await gap_metrics(pg)
     assert (m.open, m.claimed, m.unrecoverable_today, m.repaired_today) == (0, 0, 10, 10)
     assert m.oldest_open_age_s == 0
+
+
+async def test_a_failed_attempt_waits_for_its_backoff(
+    migrated: Settings, pg: asyncpg.Connection
+) -> None:
+    await _market(pg, migrated, gaps_per_token=1)
+    await pg.execute("DELETE FROM sequence_gaps WHERE id <> (SELECT min(id) FROM sequence_gaps)")
+    await init_connection(pg)
+
+    async def claim() -> list[int]:
+        c = await claim_batches(pg, grace_s=1, batch_size=10, max_batches=1, max_attempts=5,
+                                retry_s=30)  # fmt: skip
+        for b in c.batches:  # the source is down: the attempt fails
+            await repair_batch(pg, _Source(empty=True), b.gaps, key=b.key,
+                               today=date(2026, 1, 1), max_attempts=5, concurrency=1)  # fmt: skip
+        return [i for b in c.batches for i in b.gap_ids]
+
+    assert len(await claim()) == 1  # attempt 1
+    assert await claim() == []  # 30 s not over
+    await pg.execute("UPDATE sequence_gaps SET claimed_at = now() - INTERVAL '31 seconds'")
+    assert len(await claim()) == 1  # attempt 2
+    await pg.execute("UPDATE sequence_gaps SET claimed_at = now() - INTERVAL '59 seconds'")
+    assert await claim() == []  # the second wait is 60 s
+    await pg.execute("UPDATE sequence_gaps SET claimed_at = now() - INTERVAL '61 seconds'")
+    assert len(await claim()) == 1
+    assert await pg.fetchval("SELECT repair_attempts FROM sequence_gaps") == 3

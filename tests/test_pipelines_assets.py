@@ -374,7 +374,7 @@ def test_sensor_claims_batches_per_day(market: Market) -> None:
     assert sensor_requests(m) == []
     # No run was ever created for these claims: once the claim timeout passes, a tick frees
     # them and claims again, under new keys (the attempt is counted at each claim).
-    again = sensor_requests(m, gap_repair_claim_timeout_s=1e-6)
+    again = sensor_requests(m, gap_repair_claim_timeout_s=1e-6, gap_repair_retry_s=0)
     assert sorted(i for r in again for i in _gap_ids(r)) == [g["id"] for g in gaps]
     assert not {r.run_key for r in again} & {r.run_key for r in reqs + rest}
     assert {x[0] for x in q(m, "SELECT repair_attempts FROM sequence_gaps")} == {2}
@@ -470,7 +470,7 @@ def test_gap_the_source_cannot_fill_becomes_unrecoverable(market: Market) -> Non
     try:
         for attempt in (1, 2):
             # The sensor claims both (one batch of that day), its run repairs them.
-            (rr,) = sensor_requests(m)
+            (rr,) = sensor_requests(m, gap_repair_retry_s=0)  # no backoff between attempts
             assert sorted(_gap_ids(rr)) == sorted([gid, gid2])
             r = m.defs.get_job_def("gap_repair_job").execute_in_process(
                 run_config=rr.run_config, partition_key=rr.partition_key, tags=rr.tags,
@@ -490,7 +490,7 @@ def test_gap_the_source_cannot_fill_becomes_unrecoverable(market: Market) -> Non
         assert rows[gid2]["status"] == "unrecoverable"
         assert "recovery source failed" in rows[gid2]["reason"]
         # No longer open: the sensor stops asking.
-        assert sensor_requests(m) == []
+        assert sensor_requests(m, gap_repair_retry_s=0) == []
     finally:
         q(m, "DELETE FROM sequence_gaps WHERE id = ANY($1)", [gid, gid2])
 
