@@ -14,7 +14,8 @@ ephemeral instance, so the figures include Dagster's own per-run overhead):
   held back while the day loads and put in ``sequence_gaps`` at once; ``seconds`` runs from that
   moment to all of them closed. ``one_run_per_gap_per_s`` is the previous design (one run per
   gap: ``gap_repair_batch_size=1``, no run cap) measured in the same run on a few more gaps.
-  Grace is 0 (``NADI_GAP_REPAIR_GRACE_S``): these gaps are hours old, no late arrival comes;
+  Grace is 0 (``NADI_GAP_REPAIR_GRACE_S``): these gaps are hours old, no late arrival comes.
+  ``gap_repair_detail`` adds the runs, the one-run-per-gap seconds and the ratio;
 - ``eod_reconciliation_s``: the day's reconciliation (bhavcopy CSV from disk, polars,
   per-instrument comparison, rows written, check).
 """
