@@ -57,3 +57,30 @@ async def fetch_retransmission(
         if own:
             await c.aclose()
     return out
+
+
+class RecoveryClient:
+    """A recovery server's retransmissions over one pooled HTTP client, for a batch of
+    repairs: building an ``httpx.AsyncClient`` (its TLS context) per request costs more than
+    the request itself. Use as ``async with RecoveryClient(url) as c: await c.retransmit(…)``."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 30.0, max_connections: int = 16):
+        self.base_url = base_url
+        self._client = httpx.AsyncClient(
+            timeout=timeout_s,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
+        """Ticks ``from_seq..to_seq`` of ``token`` on ``day`` (see :func:`fetch_retransmission`)."""
+        return await fetch_retransmission(
+            self.base_url, token, day, from_seq, to_seq, client=self._client
+        )
+
+    async def __aenter__(self) -> RecoveryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()

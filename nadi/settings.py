@@ -211,6 +211,28 @@ class Settings(BaseSettings):
         """``bhavcopy_url``, or the recovery service's bhavcopy endpoint."""
         return self.bhavcopy_url or f"{self.recovery_url.rstrip('/')}/v1/bhavcopy/{{filename}}"
 
+    # --- gap repair in batches (issue 13): the sensor claims open gaps per trading day in
+    # batches, one run each, and keeps at most gap_repair_max_runs runs queued or running.
+    gap_repair_batch_size: int = Field(500, ge=1, le=10_000, description="gaps per repair run")
+    gap_repair_concurrency: int = Field(
+        8, ge=1, le=64, description="recovery-service requests in flight per repair run"
+    )
+    gap_repair_max_runs: int = Field(
+        2, ge=1, le=64, description="gap-repair runs queued or running at once (sensor stops)"
+    )
+    gap_repair_sensor_interval_s: int = Field(
+        5, ge=1, le=3600, description="seconds between evaluations of gap_repair_sensor"
+    )
+    gap_repair_grace_s: float = Field(
+        10.0, ge=0, description="gaps younger than this are left to late arrivals"
+    )
+    gap_repair_retry_s: float = Field(
+        30.0, ge=0, description="after a failed attempt, wait this x 2^(attempts - 1)"
+    )
+    gap_repair_claim_timeout_s: float = Field(
+        120.0, gt=0, description="a claim whose run never appeared is released after this"
+    )
+
     # Storage policies (issue 9). Dagster runs candle refresh, retention and compression on
     # both editions; TimescaleDB's own policy jobs are installed only when asked for (their
     # background worker fails on some builds, and then a job reports failure after its work).

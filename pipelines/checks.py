@@ -7,6 +7,7 @@ materialized; the SQL and the verdicts live here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
@@ -15,6 +16,7 @@ import asyncpg
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
 from nadi.eod import Reconciled, worst_md
+from nadi.repair import GapOutcome, count_by_status
 
 CANDLES_CHECK = "matches_raw_ticks"
 EOD_CHECK = "matches_bhavcopy"
@@ -173,20 +175,28 @@ async def check_candles_day(
         out.tick_totals.append((start.date().isoformat(), int(row[0]), int(row[1])))
 
 
-def gaps_check_result(asset_key: str, still_open: list[str]) -> AssetCheckResult:
-    """WARN when gaps the run took on are not repaired: still open (the sensor retries them)
-    or declared unrecoverable."""
+def gaps_check_result(asset_key: str, outcomes: Sequence[GapOutcome]) -> AssetCheckResult:
+    """WARN when gaps the run took on are not repaired: still open (the sensor retries them),
+    declared unrecoverable, or held by another run; every gap's result is in the metadata."""
+    bad = [o for o in outcomes if o.status != "repaired"]
+    count = count_by_status(outcomes)
     return AssetCheckResult(
         asset_key=asset_key,
         check_name=GAPS_CHECK,
-        passed=not still_open,
+        passed=not bad,
         severity=AssetCheckSeverity.WARN,
         description=(
-            "every gap of the run is closed"
-            if not still_open
-            else f"{len(still_open)} gaps not repaired: " + ", ".join(still_open[:20])
+            f"all {len(outcomes)} gaps of the run are closed"
+            if not bad
+            else f"{len(bad)} of {len(outcomes)} gaps not repaired: "
+            + ", ".join(f"{o.gap_id} {o.status} ({o.reason})" for o in bad[:20])
         ),
-        metadata={"still_open": MetadataValue.int(len(still_open))},
+        metadata={
+            "still_open": MetadataValue.int(count["open"]),
+            "unrecoverable": MetadataValue.int(count["unrecoverable"]),
+            "skipped": MetadataValue.int(count["skipped"]),
+            "gaps": MetadataValue.json([o.as_json() for o in outcomes]),
+        },
     )
 
 

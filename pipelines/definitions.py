@@ -13,7 +13,7 @@ from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable,
 from pipelines.jobs import all_jobs
 from pipelines.resources import resources_from_settings
 from pipelines.schedules import all_schedules
-from pipelines.sensors import gap_repair_sensor
+from pipelines.sensors import build_gap_repair_sensor
 
 
 def build_definitions(settings: Settings) -> Definitions:
@@ -32,7 +32,7 @@ def build_definitions(settings: Settings) -> Definitions:
         ],
         jobs=all_jobs,
         schedules=all_schedules,
-        sensors=[gap_repair_sensor],
+        sensors=[build_gap_repair_sensor(settings)],
         resources=resources_from_settings(settings),
     )
 

@@ -17,10 +17,9 @@ from dagster import (
     op,
 )
 
-from nadi.redis_keys import RedisKeys
-from nadi.ring import RingWriter
+from nadi.calendar import today_ist
 from pipelines.assets.candles import refresh_day
-from pipelines.assets.repair import GapRepairConfig, gap_repair_metadata, repair_gaps
+from pipelines.assets.repair import GapRepairConfig, gap_repair_metadata, run_repair
 from pipelines.resources import (
     RecoverySourceResource,
     RedisResource,
@@ -82,7 +81,7 @@ def repair_gaps_off_calendar(
     recovery: RecoverySourceResource,
     redis: RedisResource,
 ) -> None:
-    """Repair gaps by id whatever their day, then refresh the touched days' candles.
+    """Repair a batch of gaps whatever their day, then refresh the touched days' candles.
 
     Gaps on days outside the trading-day partitions (a live feed running on a weekend or a
     holiday: ingest has no trading-hours check) have no partition to run in.
@@ -90,12 +89,11 @@ def repair_gaps_off_calendar(
     t0 = time.perf_counter()
 
     async def go() -> list[date]:
-        async with redis.client() as client, timescale.connect() as conn:
-            ring = RingWriter(
-                client, await RedisKeys.load(conn), maxlen=redis.ring_maxlen, ttl_s=redis.ttl_s
-            )
-            outcomes = await repair_gaps(timescale, recovery, None, config.gap_ids, ring)
-        days = sorted(await _days_of(timescale, [o.gap_id for o in outcomes]))
+        outcomes = await run_repair(
+            timescale, recovery, redis, config, run_id=context.run_id, day=None,
+            today=today_ist(),
+        )  # fmt: skip
+        days = sorted({o.trading_day for o in outcomes if o.inserted})
         async with timescale.connect() as conn:
             for d in days:
                 await refresh_day(conn, d, full=False)
@@ -105,16 +103,6 @@ def repair_gaps_off_calendar(
 
     days = run_async(go())
     context.log.info(f"candles refreshed for {days}")
-
-
-async def _days_of(db: TimescaleResource, ids: list[int]) -> list[date]:
-    async with db.connect() as conn:
-        return [
-            r[0]
-            for r in await conn.fetch(
-                "SELECT DISTINCT trading_day FROM sequence_gaps WHERE id = ANY($1::bigint[])", ids
-            )
-        ]
 
 
 @job(

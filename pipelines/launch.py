@@ -27,8 +27,9 @@ from nadi.settings import Settings
 # names the same module for `dagster dev` in a checkout).
 CODE_LOCATION = ("-m", "pipelines.definitions")
 MAX_CONCURRENT_RUNS = 8
-# Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs are many
-# small runs (one per gap) and must not crowd out candle refreshes.
+# Per-kind limits inside the global one: replays are long and heavy on Kafka; repairs (a batch
+# of gaps each, at most NADI_GAP_REPAIR_MAX_RUNS asked for at once) must not crowd out candle
+# refreshes.
 TAG_LIMITS = (("replay", 1), ("gap_repair", 4), ("candles", 2))
 
 
@@ -103,6 +104,9 @@ def dagster_config(settings: Settings, database: str | None = None) -> dict[str,
             "class": "QueuedRunCoordinator",
             "config": {
                 "max_concurrent_runs": MAX_CONCURRENT_RUNS,
+                # A queued run starts within a second, not Dagster's default 5 (a gap repair
+                # is a few seconds of work): the query is one index lookup.
+                "dequeue_interval_seconds": 1,
                 "tag_concurrency_limits": [
                     {"key": "nadi/kind", "value": v, "limit": n} for v, n in TAG_LIMITS
                 ],

@@ -22,7 +22,8 @@ from dagster import ConfigurableResource
 
 from nadi.bhavcopy import Fetched, Segment, load_bhavcopy
 from nadi.db.tick_writer import init_connection
-from nadi.recovery import fetch_retransmission
+from nadi.recovery import RecoveryClient, fetch_retransmission
+from nadi.repair import Retransmitter
 from nadi.settings import Settings
 from nadi.tick import Tick
 
@@ -131,6 +132,11 @@ class RecoverySourceResource(_Resource, ABC):
     async def retransmit(self, token: int, day: date, from_seq: int, to_seq: int) -> list[Tick]:
         """See :meth:`RecoverySource.retransmit`."""
 
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Retransmitter]:
+        """What a batch of repairs fetches through (here: the resource itself)."""
+        yield self
+
 
 class SimulatorRecoveryResource(RecoverySourceResource):
     """The simulator's retransmission service (``nadi simulate`` serves it on port 8765)."""
@@ -142,6 +148,12 @@ class SimulatorRecoveryResource(RecoverySourceResource):
         return await fetch_retransmission(
             self.url, token, day, from_seq, to_seq, timeout_s=self.timeout_s
         )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Retransmitter]:
+        """One pooled HTTP client for the whole batch."""
+        async with RecoveryClient(self.url, timeout_s=self.timeout_s) as client:
+            yield client
 
 
 class BhavcopySourceResource(_Resource):

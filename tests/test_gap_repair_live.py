@@ -16,13 +16,13 @@ import redis.asyncio as aioredis
 from nadi.calendar import today_ist
 from nadi.db.tick_writer import init_connection, write_batch
 from nadi.redis_keys import RedisKeys
+from nadi.repair import GapOutcome, claim_for_run, repair_batch
 from nadi.ring import RingWriter, decode_live_entry
 from nadi.sequence import Gap
 from nadi.settings import Settings
 from nadi.tick import Tick
 from nadi.times import NS, trading_day_ordinal
-from pipelines.assets.repair import repair_gaps
-from pipelines.resources import RecoverySourceResource, TimescaleResource
+from pipelines.resources import RecoverySourceResource
 from tests.feedgen import tick
 from tests.processor_util import reset_state
 
@@ -44,6 +44,16 @@ class _Source(RecoverySourceResource):
 
     async def bhavcopy(self, day: date) -> str | None:
         return None
+
+
+async def _repair(
+    pg: asyncpg.Connection, src: _Source, ring: RingWriter, today: date
+) -> list[GapOutcome]:
+    """Every open gap, as a run started by hand does it (claim, repair, release)."""
+    gaps = await claim_for_run(pg, "test", gap_ids=[], day=None)
+    return await repair_batch(
+        pg, src, gaps, key="test", today=today, max_attempts=3, concurrency=4, ring=ring
+    )
 
 
 def _ordinal(ts_ns: int) -> int:
@@ -69,7 +79,7 @@ async def test_todays_repaired_ticks_go_live_and_older_ones_do_not(
                           mark_dirty=True)  # fmt: skip
     keys = await RedisKeys.load(pg)
     ring = RingWriter(redis_client, keys, maxlen=1000, ttl_s=600)
-    outcomes = await repair_gaps(TimescaleResource(dsn=migrated.pg_dsn), src, None, [], ring)
+    outcomes = await _repair(pg, src, ring, today)
     assert sorted((o.status, o.inserted, o.pushed_live) for o in outcomes) == [
         ("repaired", 2, 0),
         ("repaired", 2, 2),
@@ -87,6 +97,7 @@ async def test_todays_repaired_ticks_go_live_and_older_ones_do_not(
         (4, "RECOVERED"),
     ]
     # A second run finds nothing open: nothing is pushed twice.
-    assert await repair_gaps(TimescaleResource(dsn=migrated.pg_dsn), src, None, [], ring) == []
+    assert await _repair(pg, src, ring, today) == []
+    assert not await pg.fetchval("SELECT count(*) FROM sequence_gaps WHERE claimed_by IS NOT NULL")
     after: Any = await redis_client.xrange(keys.ring(TOKEN))
     assert len(after) == 2

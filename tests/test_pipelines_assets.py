@@ -39,7 +39,7 @@ from pipelines.assets.repair import gap_repair
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
 from pipelines.partitions import partition_key
 from pipelines.resources import BhavcopySourceResource
-from pipelines.sensors import GAP_TAG, gap_repair_sensor
+from pipelines.sensors import BATCH_TAG, build_gap_repair_sensor
 from streaming.simulator.bhavcopy import bhavcopy_files, bhavcopy_rows, write_bhavcopy
 from tests import pipelines_env
 from tests.kafka_util import create_topic, read_all
@@ -338,8 +338,14 @@ def sensor_ctx(m: Market) -> Any:
     )
 
 
-def sensor_requests(m: Market) -> list[RunRequest]:
-    out = gap_repair_sensor(sensor_ctx(m))
+def sensor_requests(m: Market, **policy: object) -> list[RunRequest]:
+    """One evaluation of the code location's sensor, or of one built with other settings."""
+    sensor_def = (
+        build_gap_repair_sensor(m.settings.model_copy(update=policy))
+        if policy
+        else m.defs.get_sensor_def("gap_repair_sensor")
+    )
+    out = sensor_def(sensor_ctx(m))
     assert isinstance(out, (list, SkipReason))
     return [] if isinstance(out, SkipReason) else out
 
@@ -348,38 +354,63 @@ def _open_gaps(m: Market) -> list[asyncpg.Record]:
     return q(m, "SELECT * FROM sequence_gaps WHERE status = 'open' ORDER BY id")
 
 
-def test_sensor_launches_one_run_per_open_gap(market: Market) -> None:
+def _gap_ids(rr: RunRequest) -> list[int]:
+    return list(rr.run_config["ops"]["gap_repair"]["config"]["gap_ids"])
+
+
+def test_sensor_claims_batches_per_day(market: Market) -> None:
     m = market
     q(m, "UPDATE sequence_gaps SET detected_at = now() - INTERVAL '1 minute'")
     gaps = _open_gaps(m)
-    assert len(gaps) >= 2 and {g["trading_day"] for g in gaps} == {m.gap_day}
-    reqs = sensor_requests(m)
-    assert len(reqs) == len(gaps)
-    assert sorted(int(r.tags[GAP_TAG]) for r in reqs) == [g["id"] for g in gaps]
-    assert len({r.run_key for r in reqs}) == len(gaps)
+    assert len(gaps) >= 3 and {g["trading_day"] for g in gaps} == {m.gap_day}
+    # Batches of two, at most two runs: the first two batches are claimed, the rest wait.
+    reqs = sensor_requests(m, gap_repair_batch_size=2, gap_repair_max_runs=2)
+    assert len(reqs) == 2 and all(len(_gap_ids(r)) == 2 for r in reqs)
+    assert [i for r in reqs for i in _gap_ids(r)] == [g["id"] for g in gaps][:4]
     assert {r.partition_key for r in reqs} == {partition_key(m.gap_day)}
     assert all(r.job_name == "gap_repair_job" for r in reqs)
-    # Evaluating again asks for the same runs (same keys: the daemon launches each once) ...
-    again = sensor_requests(m)
-    assert [r.run_key for r in again] == [r.run_key for r in reqs]
-    # ... and a gap whose repair is queued or running is left alone.
-    busy = DagsterRun(
-        job_name="gap_repair_job", run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED,
-        tags={GAP_TAG: str(gaps[0]["id"])},
-    )  # fmt: skip
-    m.instance.add_run(busy)
+    assert all(r.run_key == r.tags[BATCH_TAG] == r.run_config["ops"]["gap_repair"]["config"]
+               ["claim"] for r in reqs)  # fmt: skip
+    claimed = {x[0]: x[1] for x in q(m, "SELECT id, claimed_by FROM sequence_gaps"
+                                         " WHERE claimed_by IS NOT NULL")}  # fmt: skip
+    assert claimed == {i: r.run_key for r in reqs for i in _gap_ids(r)}
+    # Claimed gaps are not claimed again: the next tick takes the rest in one batch.
+    rest = sensor_requests(m)
+    assert [i for r in rest for i in _gap_ids(r)] == [g["id"] for g in gaps][4:]
+    # Everything is claimed: nothing more to ask for.
+    assert sensor_requests(m) == []
+    # No run was ever created for these claims: once the claim timeout passes, a tick frees
+    # them and claims again, under new keys (the attempt is counted at each claim).
+    again = sensor_requests(m, gap_repair_claim_timeout_s=1e-6, gap_repair_retry_s=0)
+    assert sorted(i for r in again for i in _gap_ids(r)) == [g["id"] for g in gaps]
+    assert not {r.run_key for r in again} & {r.run_key for r in reqs + rest}
+    assert {x[0] for x in q(m, "SELECT repair_attempts FROM sequence_gaps")} == {2}
+    # Start over from unclaimed, unattempted gaps for the repair test.
+    q(m, "UPDATE sequence_gaps SET claimed_by = NULL, claimed_at = NULL, repair_attempts = 0")
+
+
+def test_sensor_stops_at_the_run_limit(market: Market) -> None:
+    m = market
+    busy = [
+        DagsterRun(job_name="gap_repair_job", run_id=str(uuid.uuid4()), status=st)
+        for st in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTED)
+    ]
+    for run in busy:
+        m.instance.add_run(run)
     try:
-        third = sensor_requests(m)
-        assert len(third) == len(gaps) - 1
-        assert str(gaps[0]["id"]) not in {r.tags[GAP_TAG] for r in third}
+        out = m.defs.get_sensor_def("gap_repair_sensor")(sensor_ctx(m))
+        assert isinstance(out, SkipReason) and "limit" in (out.skip_message or "")
+        assert not q(m, "SELECT 1 FROM sequence_gaps WHERE claimed_by IS NOT NULL")
     finally:
-        m.instance.delete_run(busy.run_id)
+        for run in busy:
+            m.instance.delete_run(run.run_id)
 
 
 def test_gap_repair_closes_every_gap_and_fixes_candles(market: Market) -> None:
     m = market
     day = m.gap_day
     reqs = sensor_requests(m)
+    assert len(reqs) == 1 and len(_gap_ids(reqs[0])) == len(_open_gaps(m))  # one batch
     job = m.defs.get_job_def("gap_repair_job")
     for rr in reqs:
         r = job.execute_in_process(
@@ -389,7 +420,13 @@ def test_gap_repair_closes_every_gap_and_fixes_candles(market: Market) -> None:
         assert r.success
         assert checks(r)[("gap_repair", "all_gaps_closed")].passed
         assert checks(r)[("candles_1m", "matches_raw_ticks")].passed
+        per_gap = checks(r)[("gap_repair", "all_gaps_closed")].metadata["gaps"].value
+        assert sorted(g["gap"] for g in per_gap) == sorted(_gap_ids(rr))
+        assert {g["status"] for g in per_gap} == {"repaired"}
+        md = mat_metadata(r, "gap_repair")
+        assert md["gaps_repaired"] == len(_gap_ids(rr)) and len(md["gaps_json"]) == len(per_gap)
     assert not _open_gaps(m)
+    assert not q(m, "SELECT 1 FROM sequence_gaps WHERE claimed_by IS NOT NULL")
     gaps = q(m, "SELECT status, repaired_count, to_seq - from_seq + 1 AS n FROM sequence_gaps")
     assert all(g["status"] == "repaired" and g["repaired_count"] == g["n"] for g in gaps)
     # Exactly what the feed dropped came back, as RECOVERED, and nothing else is missing.
@@ -438,30 +475,29 @@ def test_gap_the_source_cannot_fill_becomes_unrecoverable(market: Market) -> Non
         day,
     )[0]
     try:
-        keys = []
-        for _attempt in (1, 2):
-            reqs = sensor_requests(m)
-            mine = [r for r in reqs if r.tags[GAP_TAG] == str(gid)]
-            assert len(mine) == 1
-            keys.append(mine[0].run_key)
-            r = materialize(
-                [gap_repair], instance=m.instance, resources=m.resources(),
-                partition_key=partition_key(day),
-                run_config={"ops": {"gap_repair": {"config": {"gap_ids": [gid, gid2]}}}},
+        for attempt in (1, 2):
+            # The sensor claims both (one batch of that day), its run repairs them.
+            (rr,) = sensor_requests(m, gap_repair_retry_s=0)  # no backoff between attempts
+            assert sorted(_gap_ids(rr)) == sorted([gid, gid2])
+            r = m.defs.get_job_def("gap_repair_job").execute_in_process(
+                run_config=rr.run_config, partition_key=rr.partition_key, tags=rr.tags,
+                instance=m.instance,
             )  # fmt: skip
             assert r.success
-            assert not checks(r)[("gap_repair", "all_gaps_closed")].passed
-        assert keys == [f"gap-{gid}-attempt-1", f"gap-{gid}-attempt-2"]
+            c = checks(r)[("gap_repair", "all_gaps_closed")]
+            assert not c.passed
+            want = "open" if attempt == 1 else "unrecoverable"
+            assert {g["status"] for g in c.metadata["gaps"].value} == {want}
         rows = {
             r["id"]: r for r in q(m, "SELECT * FROM sequence_gaps WHERE id = ANY($1)", [gid, gid2])
         }
         assert rows[gid]["status"] == "unrecoverable" and rows[gid]["repair_attempts"] == 2
         assert "returned 0 of 3 missing ticks" in rows[gid]["reason"]
+        assert rows[gid]["unrecoverable_at"] is not None and rows[gid]["claimed_by"] is None
         assert rows[gid2]["status"] == "unrecoverable"
         assert "recovery source failed" in rows[gid2]["reason"]
         # No longer open: the sensor stops asking.
-        reqs = sensor_requests(m)
-        assert not [r for r in reqs if r.tags[GAP_TAG] in (str(gid), str(gid2))]
+        assert sensor_requests(m, gap_repair_retry_s=0) == []
     finally:
         q(m, "DELETE FROM sequence_gaps WHERE id = ANY($1)", [gid, gid2])
 
