@@ -184,7 +184,9 @@ async def run_centrifugo(
             "duration_s": tl["phases"][1][1] - tl["t0"] + 0.5,
         }
         timeout = tl["end_at"] - time.time() + 120
-        pub_task = asyncio.create_task(asyncio.to_thread(wsload.run, exe, "publish", pub_cfg, timeout))
+        pub_task = asyncio.create_task(
+            asyncio.to_thread(wsload.run, exe, "publish", pub_cfg, timeout)
+        )
         clients_task = asyncio.create_task(
             asyncio.to_thread(wsload.run, exe, "clients", cfg, timeout)
         )

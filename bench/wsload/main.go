@@ -265,7 +265,7 @@ func leadingInt(b []byte) (int64, bool) {
 	return v, err == nil
 }
 
-// centrifugoReply reads frames until the reply to command “id“ (an error reply fails).
+// centrifugoReply reads frames until the reply to command id (an error reply fails).
 func centrifugoReply(ctx context.Context, c *websocket.Conn, id int) error {
 	for {
 		_, data, err := c.Read(ctx)
