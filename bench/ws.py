@@ -282,7 +282,11 @@ def bench_ws(
     if stalled >= connections:
         raise typer.BadParameter("fewer stalled than connections", param_hint="--stalled")
     settings = get_settings()
-    result = asyncio.run(
-        run(settings, connections, stalled, rate, phase, open_rate, peer, mode, stall_timeout)
-    )
+    try:
+        result = asyncio.run(
+            run(settings, connections, stalled, rate, phase, open_rate, peer, mode, stall_timeout)
+        )
+    except wsload.GoMissingError as e:
+        typer.echo(f"nadi bench ws: {e}", err=True)
+        raise typer.Exit(2) from None
     emit(settings, "ws", result)

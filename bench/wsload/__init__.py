@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).resolve().parent
+GO_FALLBACKS = ("/usr/local/go/bin/go",)  # the official tarball's place, often not on PATH
 
 
 class GoMissingError(RuntimeError):
@@ -32,13 +33,11 @@ def source_key() -> str:
 
 
 def find_go() -> str:
-    go = shutil.which("go") or (
-        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
-    )
+    go = shutil.which("go") or next((g for g in GO_FALLBACKS if Path(g).exists()), None)
     if go is None:
         raise GoMissingError(
             "nadi bench ws needs Go (1.23 or newer) to build its native load clients "
-            f"({SOURCE}): no `go` on PATH nor /usr/local/go/bin/go. Install Go "
+            f"({SOURCE}): no `go` on PATH nor in {', '.join(GO_FALLBACKS) or '-'}. Install Go "
             "(https://go.dev/dl or the distribution's golang package) and run it again."
         )
     return go

@@ -1,0 +1,107 @@
+"""The native load clients of ``nadi bench ws`` (bench/wsload): they build, and a tiny load
+against a real API subprocess counts what it should. Also: no Go toolchain fails loudly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from bench import wsload
+from nadi.redis_keys import RedisKeys
+from nadi.ring import RingWriter
+from nadi.settings import Settings
+from tests.feedgen import tick
+from tests.processor_util import reset_state
+from tests.ws_util import free_port, spawn_api
+
+TOKENS = [930_001 + i for i in range(5)]
+RATE = 500  # ticks/s over TOKENS: 100/s per instrument
+READERS, STALLED = 18, 2
+PHASE_S = 3.0
+
+
+async def feed(r: aioredis.Redis, keys: RedisKeys, until: float) -> list[int]:
+    """RATE ticks/s into the rings and live stream (exchange_ts = now), in 10 ms slots, until
+    wall time ``until``; returns every tick's exchange_ts (ns)."""
+    ring = RingWriter(r, keys, maxlen=10_000, ttl_s=3600)
+    per_slot = RATE // 100 // len(TOKENS)
+    sent: list[int] = []
+    seq = 0
+    t0 = time.monotonic()
+    slot = 0
+    while time.time() < until:
+        now = time.time_ns()
+        ticks = [tick(tok, seq + k + 1, now) for k in range(per_slot) for tok in TOKENS]
+        seq += per_slot
+        await ring.append(ticks, [ticks[0].trading_day_ordinal] * len(ticks), ["OK"] * len(ticks))
+        sent.extend(t.exchange_ts for t in ticks)
+        slot += 1
+        await asyncio.sleep(max(0.0, t0 + slot * 0.01 - time.monotonic()))
+    return sent
+
+
+async def test_native_clients_count_a_tiny_load_against_the_api(
+    migrated: Settings,
+    pg: asyncpg.Connection,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    await reset_state(pg, migrated)
+    exe = await asyncio.to_thread(wsload.binary, tmp_path)
+    assert exe.exists()
+    assert wsload.binary(tmp_path) == exe  # cached: the same sources build nothing
+    keys = await RedisKeys.load(pg)
+    port = free_port()
+    api = await spawn_api(migrated, port, str(tmp_path / "api.log"))
+    try:
+        now = time.time()
+        p1 = (now + 2.0, now + 2.0 + PHASE_S)
+        p2 = (p1[1] + 0.5, p1[1] + 0.5 + PHASE_S)
+        cfg = {
+            "url": f"ws://127.0.0.1:{port}/ws",
+            "protocol": "nadi",
+            "readers": READERS,
+            "stalled": STALLED,
+            "tokens": TOKENS,
+            "connect_at": now + 0.3,
+            "open_rate": 0,
+            "stalled_subscribe_at": p1[1],
+            "phases": [p1, p2],
+            "end_at": p2[1] + 0.5,
+            "stalled_rcvbuf": 4096,
+        }
+        clients = asyncio.create_task(asyncio.to_thread(wsload.run, exe, "clients", cfg, 60))
+        sent = await feed(redis_client, keys, p2[1] + 0.3)
+        out = await clients
+    finally:
+        api.terminate()
+        await api.wait()
+    assert out["reader_failures"] == 0, out["reader_errors"]
+    assert out["readers_subscribed"] == READERS
+    assert out["stalled_connected"] == STALLED
+    assert out["closed_by_server"] == 0
+    for (a, b), phase in zip((p1, p2), out["phases"], strict=True):
+        # Each reader is on one instrument: it gets that instrument's ticks of the phase (by
+        # receive time, so a window shifted by the latency: allow 10%).
+        produced = sum(1 for ts in sent if a * 1e9 <= ts < b * 1e9)
+        expected = produced * READERS / len(TOKENS)
+        assert abs(phase["delivered"] - expected) <= 0.1 * expected, (phase, expected)
+        assert phase["delivered_per_s"] == round(phase["delivered"] / PHASE_S)
+        assert 0 < phase["p50_ms"] <= phase["p99_ms"] <= phase["p999_ms"] <= phase["max_ms"]
+        assert phase["p50_ms"] < 1000
+        assert phase["frames"] > 0
+
+
+def test_no_go_toolchain_fails_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `go` here
+    monkeypatch.setattr(wsload, "GO_FALLBACKS", ())
+    with pytest.raises(
+        wsload.GoMissingError, match=r"needs Go .* to build its native load clients"
+    ):
+        wsload.binary(tmp_path)
+    assert not (tmp_path / "cache" / "wsload" / wsload.source_key() / "wsload").exists()
