@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,9 @@ def side(
         "client_cpu": [p["client_cpu"] for p in ph],
         "client_queue_ms": [p["client_queue_ms"] for p in ph],
         "publisher_per_s": sent_per_s,
+        # Seven helpers share two cores: the 1-minute load average when the side ended says
+        # how much of the machine it had.
+        "load_avg_1m": round(os.getloadavg()[0], 1),
         "short_of_offered": short,
         # A figure of the server only when neither the publisher nor the clients fell short.
         "server_figure": not bound,
