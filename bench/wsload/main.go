@@ -173,8 +173,8 @@ type run struct {
 	stallErrs     []string
 	firstOpen     time.Time
 	lastOpen      time.Time
-	readerPorts   map[int]bool
-	stalledPorts  map[int]bool
+	readerSocks   map[int]bool
+	stalledSocks  map[int]bool
 	failures      atomic.Int64
 	subscribed    atomic.Int64
 	lateSubscribe atomic.Int64
@@ -200,7 +200,7 @@ func (r *run) fail(stalled bool, what string, err error) {
 	}
 }
 
-func (r *run) opened(port int, stalled bool) {
+func (r *run) opened(key int, stalled bool) {
 	now := time.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -211,9 +211,9 @@ func (r *run) opened(port int, stalled bool) {
 		r.lastOpen = now
 	}
 	if stalled {
-		r.stalledPorts[port] = true
+		r.stalledSocks[key] = true
 	} else {
-		r.readerPorts[port] = true
+		r.readerSocks[key] = true
 	}
 }
 
@@ -237,7 +237,8 @@ func (r *run) dial(ctx context.Context, rcvbuf int) (*websocket.Conn, int, error
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := d.DialContext(ctx, network, addr)
 			if err == nil {
-				local.Store(int64(c.LocalAddr().(*net.TCPAddr).Port))
+				// Keyed by both ports: Linux reuses an ephemeral port for other destinations.
+				local.Store(int64(sockKey(c.LocalAddr().(*net.TCPAddr).Port, c.RemoteAddr().(*net.TCPAddr).Port)))
 			}
 			return c, err
 		},
@@ -459,7 +460,9 @@ func (r *run) staller(k int, openAt time.Time, wg *sync.WaitGroup, hold chan str
 	<-hold
 }
 
-// tcpSockets reads /proc/net/tcp: local port -> (state, rx queue bytes) of loopback sockets.
+func sockKey(localPort, remotePort int) int { return localPort<<16 | remotePort }
+
+// tcpSockets reads /proc/net/tcp: sockKey(local, remote port) -> (state, rx queue bytes).
 func tcpSockets() map[int][2]int64 {
 	out := map[int][2]int64{}
 	f, err := os.Open("/proc/net/tcp")
@@ -475,14 +478,16 @@ func tcpSockets() map[int][2]int64 {
 			continue
 		}
 		la := strings.Split(fs[1], ":")
+		ra := strings.Split(fs[2], ":")
 		q := strings.Split(fs[4], ":")
-		if len(la) != 2 || len(q) != 2 {
+		if len(la) != 2 || len(ra) != 2 || len(q) != 2 {
 			continue
 		}
-		port, _ := strconv.ParseInt(la[1], 16, 32)
+		lp, _ := strconv.ParseInt(la[1], 16, 32)
+		rp, _ := strconv.ParseInt(ra[1], 16, 32)
 		st, _ := strconv.ParseInt(fs[3], 16, 32)
 		rx, _ := strconv.ParseInt(q[1], 16, 64)
-		out[int(port)] = [2]int64{st, rx}
+		out[sockKey(int(lp), int(rp))] = [2]int64{st, rx}
 	}
 	return out
 }
@@ -502,7 +507,7 @@ func runClients(in io.Reader, out io.Writer) error {
 	if len(cfg.Tokens) == 0 || cfg.Readers < 0 || cfg.Stalled < 0 {
 		return errors.New("config: tokens, readers and stalled are required")
 	}
-	r := &run{cfg: cfg, end: wall(cfg.EndAt), readerPorts: map[int]bool{}, stalledPorts: map[int]bool{}}
+	r := &run{cfg: cfg, end: wall(cfg.EndAt), readerSocks: map[int]bool{}, stalledSocks: map[int]bool{}}
 	for _, p := range cfg.Phases {
 		a, b := wall(p[0]), wall(p[1])
 		r.phases = append(r.phases, &phaseState{start: a, end: b, h: newHist(),
@@ -539,7 +544,7 @@ func runClients(in io.Reader, out io.Writer) error {
 			socks := tcpSockets()
 			r.mu.Lock()
 			var rx int64
-			for port := range r.readerPorts {
+			for port := range r.readerSocks {
 				rx += socks[port][1]
 			}
 			r.mu.Unlock()
@@ -567,7 +572,7 @@ func runClients(in io.Reader, out io.Writer) error {
 	// A stalled socket the server closed is no longer ESTABLISHED (01) on our side.
 	socks := tcpSockets()
 	r.mu.Lock()
-	for port := range r.stalledPorts {
+	for port := range r.stalledSocks {
 		if s, ok := socks[port]; !ok || s[0] != 1 {
 			res.ClosedByServer++
 		}
