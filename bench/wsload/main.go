@@ -609,6 +609,7 @@ type publishConfig struct {
 	Rate     int     `json:"rate"`
 	StartAt  float64 `json:"start_at"`
 	Duration float64 `json:"duration_s"`
+	InFlight int     `json:"in_flight"` // concurrent requests (default 4)
 }
 
 type publishOut struct {
@@ -627,7 +628,11 @@ func runPublish(in io.Reader, out io.Writer) error {
 	if err := json.NewDecoder(in).Decode(&cfg); err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
-	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
+	if cfg.InFlight <= 0 {
+		cfg.InFlight = 4
+	}
+	client := &http.Client{Timeout: 30 * time.Second,
+		Transport: &http.Transport{MaxIdleConnsPerHost: cfg.InFlight}}
 	seq := map[int64]int64{}
 	price := map[int64]float64{}
 	for _, t := range cfg.Tokens {
@@ -635,60 +640,24 @@ func runPublish(in io.Reader, out io.Writer) error {
 	}
 	const slot = 5 * time.Millisecond
 	const maxBatch = 500
+	var mu sync.Mutex
+	var wg sync.WaitGroup
 	res := publishOut{}
-	sleepUntil(wall(cfg.StartAt))
-	t0 := time.Now()
-	dur := time.Duration(cfg.Duration * 1e9)
-	var sent int64
-	i := 0
-	var body bytes.Buffer
-	for s := int64(1); ; {
-		now := time.Now()
-		elapsed := now.Sub(t0)
-		if elapsed >= dur {
-			break
-		}
-		res.Slots++
-		due := int64((elapsed + slot).Seconds() * float64(cfg.Rate))
-		// A publisher that fell behind catches up in requests of at most maxBatch ticks: one
-		// huge request would be slower still and time out (and its ticks would be lost).
-		if due-sent > maxBatch {
-			due = sent + maxBatch
-		}
-		if due <= sent {
-			s++
-			sleepUntil(t0.Add(time.Duration(s) * slot))
-			continue
-		}
-		body.Reset()
-		body.WriteString(`{"commands":[`)
-		for n := int64(0); sent+n < due; n++ {
-			tok := cfg.Tokens[i%len(cfg.Tokens)]
-			i++
-			seq[tok]++
-			if (i*7919)%3 != 0 {
-				price[tok] += 0.05
-			} else {
-				price[tok] = math.Max(1, price[tok]-0.05)
-			}
-			if n > 0 {
-				body.WriteByte(',')
-			}
-			// The same fields as Nadi's tick message, so both servers carry frames of one size.
-			fmt.Fprintf(&body, `{"publish":{"channel":"`+cfg.Channel+`","data":{"type":"tick","offset":null,`+
-				`"instrument_token":%d,"sequence_id":%d,"exchange_ts":%d,"last_price":%.2f,"exchange":"NSE",`+
-				`"last_qty":1,"volume":%d,"feed":"A","status":"OK"}}}`,
-				tok, tok, seq[tok], time.Now().UnixNano(), price[tok], seq[tok])
-		}
-		body.WriteString(`]}`)
-		n := due - sent
-		sent = due
-		req, _ := http.NewRequest(http.MethodPost, cfg.URL, bytes.NewReader(body.Bytes()))
+	// Up to in_flight requests at once: a server slow to answer one request does not hold
+	// the publisher to one request per round trip. A batch is built (its ticks stamped) only
+	// once a request slot is free, so time waiting for one is never counted as latency.
+	free := make(chan struct{}, cfg.InFlight)
+	for k := 0; k < cfg.InFlight; k++ {
+		free <- struct{}{}
+	}
+	post := func(body []byte, n int64) {
+		defer wg.Done()
+		defer func() { free <- struct{}{} }()
+		req, _ := http.NewRequest(http.MethodPost, cfg.URL, bytes.NewReader(body))
 		req.Header.Set("Content-Type", "application/json")
 		if cfg.APIKey != "" {
 			req.Header.Set("X-API-Key", cfg.APIKey)
 		}
-		res.Requests++
 		resp, err := client.Do(req)
 		if err == nil {
 			b, _ := io.ReadAll(resp.Body)
@@ -697,22 +666,75 @@ func runPublish(in io.Reader, out io.Writer) error {
 				err = fmt.Errorf("HTTP %d: %.200s", resp.StatusCode, b)
 			}
 		}
+		mu.Lock()
+		defer mu.Unlock()
 		if err != nil {
 			res.Errors++
 			if len(res.Error) < 3 {
 				res.Error = append(res.Error, err.Error())
 			}
-		} else {
-			res.Sent += n
+			return
 		}
-		// The next 5 ms slot; a publish that overran a whole slot makes the publisher late.
+		res.Sent += n
+	}
+	sleepUntil(wall(cfg.StartAt))
+	t0 := time.Now()
+	dur := time.Duration(cfg.Duration * 1e9)
+	var sent, requests, slots, late int64
+	i := 0
+	for s := int64(1); ; {
+		<-free
+		elapsed := time.Since(t0)
+		if elapsed >= dur {
+			free <- struct{}{}
+			break
+		}
+		slots++
+		due := int64((elapsed + slot).Seconds() * float64(cfg.Rate))
+		// A publisher that fell behind catches up in requests of at most maxBatch ticks: one
+		// huge request would be slower still and time out (and its ticks would be lost).
+		if due-sent > maxBatch {
+			due = sent + maxBatch
+		}
+		if due > sent {
+			var body bytes.Buffer
+			body.WriteString(`{"commands":[`)
+			for n := int64(0); sent+n < due; n++ {
+				tok := cfg.Tokens[i%len(cfg.Tokens)]
+				i++
+				seq[tok]++
+				if (i*7919)%3 != 0 {
+					price[tok] += 0.05
+				} else {
+					price[tok] = math.Max(1, price[tok]-0.05)
+				}
+				if n > 0 {
+					body.WriteByte(',')
+				}
+				// The same fields as Nadi's tick message, so both servers carry frames of one size.
+				fmt.Fprintf(&body, `{"publish":{"channel":"`+cfg.Channel+`","data":{"type":"tick","offset":null,`+
+					`"instrument_token":%d,"sequence_id":%d,"exchange_ts":%d,"last_price":%.2f,"exchange":"NSE",`+
+					`"last_qty":1,"volume":%d,"feed":"A","status":"OK"}}}`,
+					tok, tok, seq[tok], time.Now().UnixNano(), price[tok], seq[tok])
+			}
+			body.WriteString(`]}`)
+			wg.Add(1)
+			requests++
+			go post(body.Bytes(), due-sent)
+			sent = due
+		} else {
+			free <- struct{}{}
+		}
+		// The next 5 ms slot; one that started a whole slot late makes the publisher late.
 		next := int64(time.Since(t0)/slot) + 1
 		if next > s+1 {
-			res.LateSlots++
+			late++
 		}
 		s = next
 		sleepUntil(t0.Add(time.Duration(s) * slot))
 	}
+	wg.Wait()
+	res.Requests, res.Slots, res.LateSlots = requests, slots, late
 	res.SentPerS = math.Round(float64(res.Sent) / time.Since(t0).Seconds())
 	return json.NewEncoder(out).Encode(res)
 }
