@@ -311,39 +311,53 @@ func (r *run) handshake(ctx context.Context, c *websocket.Conn) error {
 	return centrifugoReply(hctx, c, 1)
 }
 
-// subscribe sends the subscription and reads until the server confirms it.
-func (r *run) subscribe(ctx context.Context, c *websocket.Conn, tok int64) error {
-	sctx, cancel := context.WithTimeout(ctx, 120*time.Second)
-	defer cancel()
+// sendSubscribe sends the subscription to one instrument.
+func (r *run) sendSubscribe(ctx context.Context, c *websocket.Conn, tok int64) error {
+	var msg []byte
 	if r.cfg.Protocol == "centrifugo" {
-		msg := fmt.Sprintf(`{"id":2,"subscribe":{"channel":%q}}`, fmt.Sprintf(r.cfg.Channel, tok))
-		if err := c.Write(sctx, websocket.MessageText, []byte(msg)); err != nil {
-			return err
+		msg = []byte(fmt.Sprintf(`{"id":2,"subscribe":{"channel":%q}}`, fmt.Sprintf(r.cfg.Channel, tok)))
+	} else {
+		sub := map[string]any{"op": "subscribe", "instruments": []int64{tok}}
+		if r.cfg.Mode != "" {
+			sub["mode"] = r.cfg.Mode
 		}
-		return centrifugoReply(sctx, c, 2)
+		msg, _ = json.Marshal(sub)
 	}
-	sub := map[string]any{"op": "subscribe", "instruments": []int64{tok}}
-	if r.cfg.Mode != "" {
-		sub["mode"] = r.cfg.Mode
-	}
-	msg, _ := json.Marshal(sub)
-	if err := c.Write(sctx, websocket.MessageText, msg); err != nil {
-		return err
+	return c.Write(ctx, websocket.MessageText, msg)
+}
+
+// awaitSubscribed reads until the server confirms the subscription (Nadi's synced, the reply
+// to Centrifugo's command 2). Reading answers the server's pings meanwhile; “count“ says
+// whether ticks read on the way are a reader's.
+func (r *run) awaitSubscribed(ctx context.Context, c *websocket.Conn, count bool) error {
+	if r.cfg.Protocol == "centrifugo" {
+		return centrifugoReply(ctx, c, 2)
 	}
 	for {
-		_, data, err := c.Read(sctx)
+		_, data, err := c.Read(ctx)
 		if err != nil {
 			return err
 		}
 		if bytes.Contains(data, keyError) {
 			return fmt.Errorf("subscribe refused: %.200s", data)
 		}
-		if bytes.Contains(data, keySynced) {
+		if count {
 			r.record(data, time.Now())
+		}
+		if bytes.Contains(data, keySynced) {
 			return nil
 		}
-		r.record(data, time.Now())
 	}
+}
+
+// subscribe sends the subscription and reads until the server confirms it.
+func (r *run) subscribe(ctx context.Context, c *websocket.Conn, tok int64) error {
+	sctx, cancel := context.WithTimeout(ctx, 120*time.Second)
+	defer cancel()
+	if err := r.sendSubscribe(sctx, c, tok); err != nil {
+		return err
+	}
+	return r.awaitSubscribed(sctx, c, true)
 }
 
 // record adds every tick of one frame to the phase it arrived in.
@@ -451,8 +465,19 @@ func (r *run) staller(k int, openAt time.Time, wg *sync.WaitGroup, hold chan str
 		r.fail(true, "connect", err)
 		return
 	}
-	sleepUntil(wall(r.cfg.StalledSubscribeAt))
-	if err := r.subscribe(ctx, c, r.cfg.Tokens[k%len(r.cfg.Tokens)]); err != nil {
+	// Until it subscribes the connection reads (so it answers the server's keepalive pings,
+	// as an idle screen does); from the confirmation on it never reads again.
+	subAt := wall(r.cfg.StalledSubscribeAt)
+	sctx, scancel := context.WithDeadline(ctx, subAt.Add(120*time.Second))
+	defer scancel()
+	confirmed := make(chan error, 1)
+	go func() { confirmed <- r.awaitSubscribed(sctx, c, false) }()
+	sleepUntil(subAt)
+	if err := r.sendSubscribe(sctx, c, r.cfg.Tokens[k%len(r.cfg.Tokens)]); err != nil {
+		r.fail(true, "subscribe", err)
+		return
+	}
+	if err := <-confirmed; err != nil {
 		r.fail(true, "subscribe", err)
 		return
 	}
