@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import typer
 
 from bench import wsload, wsstack
@@ -74,24 +75,32 @@ def client_config(
     }
 
 
-async def sample_rss(pid: int, tl: dict[str, Any]) -> list[float]:
-    """Peak RSS (MB) of ``pid`` in each phase."""
-    out = []
+async def sample_server(pid: int, tl: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Peak RSS (MB) of ``pid`` in each phase, and the CPU it used per second of the phase
+    (1.0 = one core: a server far below that on a busy machine was starved, not slow)."""
+    rss_mb, cpu = [], []
+    proc = psutil.Process(pid)
     for a, b in tl["phases"]:
         await asyncio.sleep(max(0.0, a - time.time()))
         rss = PeakRss(pid, 0.1)
         rss.start()
+        c0 = proc.cpu_times()
         await asyncio.sleep(max(0.0, b - time.time()))
+        c1 = proc.cpu_times()
         await rss.stop()
-        out.append(rss.peak_mb)
-    return out
+        rss_mb.append(rss.peak_mb)
+        used = c1.user + c1.system - c0.user - c0.system
+        cpu.append(round(used / (b - a), 2))
+    return rss_mb, cpu
 
 
 def side(
-    clients: dict[str, Any], sent_per_s: float, rate: int, readers: int, rss: list[float]
-) -> dict[str, Any]:
+    clients: dict[str, Any], sent_per_s: float, rate: int, readers: int,
+    server: tuple[list[float], list[float]],
+) -> dict[str, Any]:  # fmt: skip
     """One server's figures in today's field names, and what fell short of the offered rate."""
     ph = clients["phases"]
+    rss, server_cpu = server
     p99 = [p["p99_ms"] for p in ph]
     per_token = len(wsstack.TOKENS)
     offered = round(rate * readers / per_token)  # what the readers get at the offered rate
@@ -120,6 +129,7 @@ def side(
         "max_ms": [p["max_ms"] for p in ph],
         "p99_ratio": round(p99[1] / p99[0], 2) if p99[0] and p99[1] else None,
         "server_peak_rss_mb": rss,
+        "server_cpu": server_cpu,
         "reader_failures": clients["reader_failures"],
         "reader_errors": clients["reader_errors"],
         "readers_subscribed": clients["readers_subscribed"],
@@ -159,11 +169,11 @@ async def run_nadi(
         clients_task = asyncio.create_task(
             asyncio.to_thread(wsload.run, exe, "clients", cfg, tl["end_at"] - time.time() + 120)
         )
-        rss = await sample_rss(stack.api.pid, tl)
+        server = await sample_server(stack.api.pid, tl)
         clients = await clients_task
         pub = await asyncio.to_thread(pub_out.get, True, 60)
         await asyncio.to_thread(producer.join, 30)
-    out = side(clients, pub["sent_per_s"], rate, readers, rss)
+    out = side(clients, pub["sent_per_s"], rate, readers, server)
     out["publisher"] = {"kind": "python, Kafka", **pub}
     return out
 
@@ -173,14 +183,14 @@ async def run_centrifugo(
     open_rate: float,
 ) -> dict[str, Any]:  # fmt: skip
     readers = connections - stalled
-    server = Centrifugo(Paths.from_settings(base), wsstack.free_port())
-    version = await asyncio.to_thread(server.version)
-    proc = await asyncio.to_thread(server.start)
+    peer = Centrifugo(Paths.from_settings(base), wsstack.free_port())
+    version = await asyncio.to_thread(peer.version)
+    proc = await asyncio.to_thread(peer.start)
     try:
         tl = timeline(connections, open_rate, phase_s, lead_s=2)
-        cfg = client_config(server.ws_url, "centrifugo", readers, stalled, open_rate, None, tl)
+        cfg = client_config(peer.ws_url, "centrifugo", readers, stalled, open_rate, None, tl)
         pub_cfg = {
-            "url": server.batch_url,
+            "url": peer.batch_url,
             "tokens": wsstack.TOKENS,
             "channel": CHANNEL,
             "rate": rate,
@@ -194,12 +204,12 @@ async def run_centrifugo(
         clients_task = asyncio.create_task(
             asyncio.to_thread(wsload.run, exe, "clients", cfg, timeout)
         )
-        rss = await sample_rss(proc.pid, tl)
+        server = await sample_server(proc.pid, tl)
         clients = await clients_task
         pub = await pub_task
     finally:
-        await asyncio.to_thread(server.stop)
-    out = side(clients, pub["sent_per_s"], rate, readers, rss)
+        await asyncio.to_thread(peer.stop)
+    out = side(clients, pub["sent_per_s"], rate, readers, server)
     out["publisher"] = {"kind": "go, HTTP batch API", **pub}
     out["version"] = version
     return out

@@ -112,3 +112,46 @@ def test_no_go_toolchain_fails_loudly(tmp_path: Path, monkeypatch: pytest.Monkey
     ):
         wsload.binary(tmp_path)
     assert not (tmp_path / "cache" / "wsload" / wsload.source_key() / "wsload").exists()
+
+
+@pytest.mark.slow
+async def test_centrifugo_peer_gets_the_same_load(settings: Settings, tmp_path: Path) -> None:
+    """``--peer centrifugo``'s parts: the installer (``go install``, about 3 minutes once, then
+    cached), its generated config, the Go publisher and the clients in Centrifugo's protocol."""
+    from infra.centrifugo import CHANNEL, Centrifugo
+    from infra.paths import Paths
+
+    exe = await asyncio.to_thread(wsload.binary, tmp_path)
+    paths = Paths(home=tmp_path, cache=Paths.from_settings(settings).cache)
+    server = Centrifugo(paths, free_port())
+    await asyncio.to_thread(server.start)
+    rate, tokens = 1000, TOKENS  # 200/s per instrument
+    try:
+        now = time.time()
+        p1 = (now + 3.0, now + 3.0 + PHASE_S)
+        p2 = (p1[1] + 0.5, p1[1] + 0.5 + PHASE_S)
+        cfg = {
+            "url": server.ws_url, "protocol": "centrifugo", "readers": READERS,
+            "stalled": STALLED, "tokens": tokens, "channel": CHANNEL, "connect_at": now + 0.3,
+            "stalled_subscribe_at": p1[1], "phases": [p1, p2], "end_at": p2[1] + 0.5,
+            "stalled_rcvbuf": 4096,
+        }  # fmt: skip
+        pub = {
+            "url": server.batch_url, "tokens": tokens, "channel": CHANNEL, "rate": rate,
+            "start_at": now + 2.0, "duration_s": p2[1] + 0.2 - (now + 2.0),
+        }  # fmt: skip
+        clients = asyncio.create_task(asyncio.to_thread(wsload.run, exe, "clients", cfg, 60))
+        published = await asyncio.to_thread(wsload.run, exe, "publish", pub, 60)
+        out = await clients
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert published["errors"] == 0, published["error_samples"]
+    assert out["reader_failures"] == 0, out["reader_errors"]
+    assert out["readers_subscribed"] == READERS and out["late_subscribed"] == 0
+    assert out["stalled_connected"] == STALLED, out["stalled_errors"]
+    for phase in out["phases"]:
+        # The publisher is paced on the wall clock: a phase holds rate x PHASE_S ticks (±10%),
+        # and each reader gets its instrument's share of them.
+        expected = rate * PHASE_S * READERS / len(tokens)
+        assert abs(phase["delivered_by_ts"] - expected) <= 0.1 * expected, (phase, expected)
+        assert 0 < phase["p50_ms"] <= phase["p99_ms"] < 5000
