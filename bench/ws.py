@@ -36,8 +36,11 @@ from infra.centrifugo import CHANNEL, Centrifugo
 from infra.paths import Paths
 from nadi.settings import Settings, get_settings
 
-# Time the readers' own socket buffers may add (mean) before the run counts as client-bound.
+# Time the readers' own socket buffers may add (mean; and 10% of the p50) before the run counts
+# as client-bound.
 CLIENT_QUEUE_MS = 10.0
+# Runnable processes per core (1-minute load average) above which a run measures the machine.
+MACHINE_LOAD = 2.0
 SHORT = 0.95  # below this share of the offered rate a publisher or a server falls short
 
 
@@ -75,6 +78,18 @@ def client_config(
     }
 
 
+def _cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds of a server and its worker processes (a server with workers forks them)."""
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 async def sample_server(pid: int, tl: dict[str, Any]) -> tuple[list[float], list[float]]:
     """Peak RSS (MB) of ``pid`` in each phase, and the CPU it used per second of the phase
     (1.0 = one core: a server far below that on a busy machine was starved, not slow)."""
@@ -84,13 +99,12 @@ async def sample_server(pid: int, tl: dict[str, Any]) -> tuple[list[float], list
         await asyncio.sleep(max(0.0, a - time.time()))
         rss = PeakRss(pid, 0.1)
         rss.start()
-        c0 = proc.cpu_times()
+        c0 = _cpu_s(proc)
         await asyncio.sleep(max(0.0, b - time.time()))
-        c1 = proc.cpu_times()
+        c1 = _cpu_s(proc)
         await rss.stop()
         rss_mb.append(rss.peak_mb)
-        used = c1.user + c1.system - c0.user - c0.system
-        cpu.append(round(used / (b - a), 2))
+        cpu.append(round((c1 - c0) / (b - a), 2))
     return rss_mb, cpu
 
 
@@ -101,6 +115,7 @@ def side(
     """One server's figures in today's field names, and what fell short of the offered rate."""
     ph = clients["phases"]
     rss, server_cpu = server
+    cores = os.cpu_count() or 1
     p99 = [p["p99_ms"] for p in ph]
     per_token = len(wsstack.TOKENS)
     offered = round(rate * readers / per_token)  # what the readers get at the offered rate
@@ -110,7 +125,8 @@ def side(
     if sent_per_s < SHORT * rate:
         short.append(f"publisher: {sent_per_s:.0f} ticks/s of {rate} offered")
     for i, p in enumerate(ph):
-        if p["client_queue_ms"] > CLIENT_QUEUE_MS:
+        # The clients' share of the latency: data waiting in their own socket buffers.
+        if p["client_queue_ms"] > max(CLIENT_QUEUE_MS, 0.1 * (p["p50_ms"] or 0)):
             short.append(
                 f"clients, phase {i + 1}: data waited {p['client_queue_ms']} ms (mean) in the "
                 f"readers' own socket buffers (client cpu {p['client_cpu']})"
@@ -118,7 +134,13 @@ def side(
     for i, d in enumerate(delivered):
         if d < SHORT * expected:
             short.append(f"server, phase {i + 1}: delivered {d:.0f}/s of {expected} expected")
-    bound = any(s.startswith(("publisher", "clients")) for s in short)
+    load = os.getloadavg()[0]
+    if load > MACHINE_LOAD * cores:
+        short.append(
+            f"machine: load average {load:.1f} on {cores} cores (the server used "
+            f"{server_cpu} cores per phase): every process here was starved"
+        )
+    bound = any(s.startswith(("publisher", "clients", "machine")) for s in short)
     return {
         "delivered_per_s": delivered,
         "offered_per_s": offered,
@@ -144,9 +166,10 @@ def side(
         "publisher_per_s": sent_per_s,
         # Seven helpers share two cores: the 1-minute load average when the side ended says
         # how much of the machine it had.
-        "load_avg_1m": round(os.getloadavg()[0], 1),
+        "load_avg_1m": round(load, 1),
         "short_of_offered": short,
-        # A figure of the server only when neither the publisher nor the clients fell short.
+        # A figure of the server only when neither the publisher, the clients nor the machine
+        # fell short.
         "server_figure": not bound,
     }
 
