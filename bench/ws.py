@@ -31,7 +31,7 @@ import psutil
 import typer
 
 from bench import wsload, wsstack
-from bench.common import PeakRss, emit
+from bench.common import emit
 from infra.centrifugo import CHANNEL, Centrifugo
 from infra.paths import Paths
 from nadi.settings import Settings, get_settings
@@ -78,10 +78,17 @@ def client_config(
     }
 
 
+def _family(proc: psutil.Process) -> list[psutil.Process]:
+    """A server and its worker processes (a server with workers forks them)."""
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
 def _cpu_s(proc: psutil.Process) -> float:
-    """CPU seconds of a server and its worker processes (a server with workers forks them)."""
     total = 0.0
-    for p in (proc, *proc.children(recursive=True)):
+    for p in _family(proc):
         try:
             t = p.cpu_times()
         except psutil.Error:
@@ -90,20 +97,31 @@ def _cpu_s(proc: psutil.Process) -> float:
     return total
 
 
+def _rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in _family(proc):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 async def sample_server(pid: int, tl: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Peak RSS (MB) of ``pid`` in each phase, and the CPU it used per second of the phase
-    (1.0 = one core: a server far below that on a busy machine was starved, not slow)."""
+    """Peak RSS (MB; the server's processes together) in each phase, and the CPU they used per
+    second of the phase (1.0 = one core: a server far below that on a busy machine was
+    starved, not slow)."""
     rss_mb, cpu = [], []
     proc = psutil.Process(pid)
     for a, b in tl["phases"]:
         await asyncio.sleep(max(0.0, a - time.time()))
-        rss = PeakRss(pid, 0.1)
-        rss.start()
         c0 = _cpu_s(proc)
-        await asyncio.sleep(max(0.0, b - time.time()))
+        peak = 0
+        while time.time() < b:
+            peak = max(peak, _rss(proc))
+            await asyncio.sleep(min(0.1, max(0.0, b - time.time())))
         c1 = _cpu_s(proc)
-        await rss.stop()
-        rss_mb.append(rss.peak_mb)
+        rss_mb.append(round(peak / 2**20, 1))
         cpu.append(round((c1 - c0) / (b - a), 2))
     return rss_mb, cpu
 
