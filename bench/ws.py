@@ -40,7 +40,7 @@ from nadi.settings import Settings, get_settings
 # as client-bound.
 CLIENT_QUEUE_MS = 10.0
 # Runnable processes per core (1-minute load average) above which a run measures the machine.
-MACHINE_LOAD = 2.0
+MACHINE_LOAD = 3.0  # the run itself keeps about 4-5 tasks runnable on its own
 SHORT = 0.95  # below this share of the offered rate a publisher or a server falls short
 
 
