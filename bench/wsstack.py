@@ -93,10 +93,12 @@ def record_frame(
 
 
 def produce_paced(
-    bootstrap: str, topic: str, rate: int, duration_s: float, start_at: float
+    bootstrap: str, topic: str, rate: int, duration_s: float, start_at: float, out: Any = None
 ) -> None:
     """``rate`` ticks/s over TOKENS for ``duration_s`` from wall time ``start_at``, in 5 ms
-    slots; exchange_ts = the wall clock at produce time (ns)."""
+    slots; exchange_ts = the wall clock at produce time (ns). ``out`` (a queue) gets what was
+    reached: ``sent``, ``sent_per_s`` and ``late_slots`` (slots that overran by a whole slot),
+    so a bench can tell a publisher that fell short from a server that did."""
     from confluent_kafka import Producer
 
     from nadi.codec import encode
@@ -114,6 +116,7 @@ def produce_paced(
     t0 = time.monotonic()
     sent = 0
     i = 0
+    late = 0
     while True:
         elapsed = time.monotonic() - t0
         if elapsed >= duration_s:
@@ -129,15 +132,23 @@ def produce_paced(
             p.produce(topic, encode(t), str(tok).encode())
             sent += 1
         p.poll(0)
-        time.sleep(max(0.0, t0 + (int(elapsed / slot) + 1) * slot - time.monotonic()))
+        wait = t0 + (int(elapsed / slot) + 1) * slot - time.monotonic()
+        late += wait < -slot
+        time.sleep(max(0.0, wait))
     del per_slot
+    elapsed = time.monotonic() - t0
     p.flush(30)
+    if out is not None:
+        out.put({"sent": sent, "sent_per_s": round(sent / elapsed), "late_slots": late})
 
 
-def start_producer(s: Settings, rate: int, duration_s: float, start_at: float) -> Any:
+def start_producer(
+    s: Settings, rate: int, duration_s: float, start_at: float, out: Any = None
+) -> Any:
     ctx = mp.get_context("spawn")
     proc = ctx.Process(
-        target=produce_paced, args=(s.kafka_bootstrap, s.topic_ticks, rate, duration_s, start_at)
+        target=produce_paced,
+        args=(s.kafka_bootstrap, s.topic_ticks, rate, duration_s, start_at, out),
     )
     proc.start()
     return proc
