@@ -1,0 +1,234 @@
+"""Import one history file into ``ticks``, exactly once, through the processor's write path.
+
+Per file, one transaction: each chunk (nadi.importer.frame) is COPYed into the tick writer's
+session stage and written by ``nadi_ingest_staged`` (dbt_or_sql/0010): INSERT ... ON CONFLICT
+DO NOTHING on the unique key, ``ingest_state`` advanced, candle windows marked. The next
+chunk is read and encoded in a thread while the database writes the current one. A file is
+imported wholly or not at all; afterwards the candles of the days it touched are refreshed.
+
+Exactly once. Rows without sequence ids get the same ids on every import of the same file
+(nadi.importer.frame.SequenceAssigner), so a second import adds nothing. Every row carries
+the import's source in ``feed``; an instrument-day that already holds ticks of another source
+(the live feed, another file) is refused before anything is written, unless ``replace_day``:
+then the day's old rows go (``nadi_maint_replace_days``, dbt_or_sql/0017) in the same
+transaction as the new ones come. The live path's age limit does not apply here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import asyncpg
+import polars as pl
+
+from nadi.db.candle_refresh import refresh_candles_days
+from nadi.db.tick_writer import TICK_STAGE_COLUMNS, init_connection
+from nadi.importer.frame import (
+    STAGE_ORDER,
+    Chunk,
+    SequenceAssigner,
+    chunks,
+    encode_csv,
+    normalize,
+    scan,
+)
+from nadi.importer.mapping import ColumnMapping
+from nadi.times import date_ordinal, ordinal_date
+
+assert STAGE_ORDER == TICK_STAGE_COLUMNS
+
+Key = tuple[int, int]  # (instrument_token, trading day ordinal since 1970-01-01)
+
+# Keys whose day holds a tick of another source than ours: one probe per key, stopping at the
+# first such tick (a day that holds only our own rows is read through, once per import).
+_OTHER_SOURCE = """
+SELECT k.token, k.day, x.feed
+FROM unnest($1::bigint[], $2::date[]) AS k(token, day)
+CROSS JOIN LATERAL (
+    SELECT t.feed FROM ticks t
+    WHERE t.instrument_token = k.token
+      AND t.exchange_ts >= (k.day::timestamp AT TIME ZONE 'Asia/Kolkata')
+      AND t.exchange_ts < ((k.day + 1)::timestamp AT TIME ZONE 'Asia/Kolkata')
+      AND t.feed IS DISTINCT FROM $3
+    LIMIT 1) x
+ORDER BY 1, 2
+"""
+
+
+class ImportConflict(Exception):
+    """Instrument-days of the file already hold ticks of another source: nothing written."""
+
+    def __init__(self, path: Path, source: str, conflicts: list[tuple[int, date, str | None]]):
+        self.conflicts = conflicts
+        shown = ", ".join(f"{tok} on {d} (feed {f!r})" for tok, d, f in conflicts[:5])
+        more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        super().__init__(
+            f"{path}: {len(conflicts)} instrument-day(s) already hold ticks of another source "
+            f"than {source!r}: {shown}{more}; nothing imported (--replace-day replaces them)"
+        )
+
+
+@dataclass
+class ImportResult:
+    path: str
+    source: str
+    rows_read: int = 0
+    rejected: int = 0
+    outside_day: int = 0
+    inserted: int = 0
+    already_stored: int = 0  # valid rows whose key was stored before (a repeated import)
+    instrument_days: int = 0
+    replaced_rows: int = 0  # rows deleted by replace_day
+    candle_windows: int = 0
+    write_seconds: float = 0.0
+    candle_seconds: float = 0.0
+    days: list[str] = field(default_factory=list)
+    first_rejected_rows: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def default_source(path: Path) -> str:
+    """The feed label of a file's rows when none is given: ``import:<file stem>``."""
+    return f"import:{path.stem}"
+
+
+class _Reader:
+    """The file's chunks, normalized, sequenced and encoded, one at a time in file order."""
+
+    def __init__(
+        self, path: Path, mapping: ColumnMapping, source: str, rows: int, only_day: int | None
+    ) -> None:
+        lf, cols = scan(path, mapping)
+        self._it: Iterator[pl.DataFrame] = chunks(lf, rows)
+        self._assign = None if "sequence_id" in cols else SequenceAssigner()
+        self._mapping, self._source, self._only_day = mapping, source, only_day
+        self._row = 0
+
+    def next(self) -> tuple[Chunk, bytes] | None:
+        df = next(self._it, None)
+        if df is None:
+            return None
+        c = normalize(
+            df, self._mapping, source=self._source, row0=self._row, only_day=self._only_day
+        )
+        self._row += df.height
+        frame = c.frame if self._assign is None else self._assign.assign(c.frame)
+        return Chunk(frame, c.rows_read, c.rejected, c.outside, c.first_rejected), encode_csv(frame)
+
+
+async def import_file(
+    conn: asyncpg.Connection,
+    path: Path,
+    mapping: ColumnMapping,
+    *,
+    source: str | None = None,
+    replace_day: bool = False,
+    chunk_rows: int = 250_000,
+    only_day: date | None = None,
+    refresh_candles: bool = True,
+) -> ImportResult:
+    """Import ``path``; ``conn`` must not be in a transaction. Raises ImportConflict (nothing
+    written) or MappingError (nothing read)."""
+    src = source or mapping.source or default_source(path)
+    res = ImportResult(str(path), src)
+    await init_connection(conn)
+    reader = _Reader(
+        path, mapping, src, chunk_rows, None if only_day is None else date_ordinal(only_day)
+    )
+    seen: set[Key] = set()
+    valid = 0
+    t0 = time.perf_counter()
+    async with conn.transaction():
+        nxt = await asyncio.to_thread(reader.next)
+        while nxt is not None:
+            chunk, data = nxt
+            res.rows_read += chunk.rows_read
+            res.rejected += chunk.rejected
+            res.outside_day += chunk.outside
+            if len(res.first_rejected_rows) < 5:
+                res.first_rejected_rows += list(chunk.first_rejected)[
+                    : 5 - len(res.first_rejected_rows)
+                ]
+            valid += chunk.frame.height
+            keys = {
+                (int(t), date_ordinal(d))
+                for t, d in chunk.frame.select("instrument_token", "trading_day")
+                .unique()
+                .iter_rows()
+            }
+            new = sorted(keys - seen)
+            seen.update(new)
+            # Read the next chunk while this one is checked and written.
+            pending = asyncio.ensure_future(asyncio.to_thread(reader.next))
+            try:
+                if new:
+                    await _claim(conn, path, src, new, replace_day, res)
+                if chunk.frame.height:
+                    res.inserted += await _write(conn, data)
+            except BaseException:
+                pending.cancel()
+                raise
+            nxt = await pending
+        res.write_seconds = round(time.perf_counter() - t0, 3)
+    res.already_stored = valid - res.inserted
+    res.instrument_days = len(seen)
+    days = sorted({ordinal_date(d) for _, d in seen})
+    res.days = [d.isoformat() for d in days]
+    if refresh_candles and (res.inserted or res.replaced_rows):
+        t1 = time.perf_counter()
+        res.candle_windows = await refresh_candles_days(conn, days)
+        res.candle_seconds = round(time.perf_counter() - t1, 3)
+    return res
+
+
+async def _claim(
+    conn: asyncpg.Connection,
+    path: Path,
+    source: str,
+    keys: list[Key],
+    replace_day: bool,
+    res: ImportResult,
+) -> None:
+    """First sight of these instrument-days in this import: refuse or replace other data."""
+    tokens = [k[0] for k in keys]
+    days = [ordinal_date(k[1]) for k in keys]
+    if replace_day:
+        res.replaced_rows += int(
+            await conn.fetchval("SELECT nadi_maint_replace_days($1, $2)", tokens, days)
+        )
+        return
+    rows = await conn.fetch(_OTHER_SOURCE, tokens, days, source)
+    if rows:
+        raise ImportConflict(path, source, [(int(r[0]), r[1], r[2]) for r in rows])
+
+
+async def _write(conn: asyncpg.Connection, data: bytes) -> int:
+    await conn.copy_to_table(
+        "tick_stage", source=io.BytesIO(data), columns=TICK_STAGE_COLUMNS, format="csv"
+    )
+    row = await conn.fetchrow("SELECT inserted FROM nadi_ingest_staged(true)")
+    await conn.execute("TRUNCATE tick_stage")
+    assert row is not None
+    return int(row[0])
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files to import: each file as given, each directory's .csv/.parquet files (recursive)
+    in name order."""
+    from nadi.importer.frame import SUFFIXES
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+        else:
+            out.append(p)
+    return out
