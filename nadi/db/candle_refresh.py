@@ -32,25 +32,31 @@ ON CONFLICT DO NOTHING
 """
 
 
-async def refresh_candles_days(conn: asyncpg.Connection, days: Iterable[date]) -> int:
+async def refresh_candles_days(
+    conn: asyncpg.Connection, days: Iterable[date], *, whole_days: bool = True
+) -> int:
     """Recompute candles_1m and candles_5m over each of ``days``; returns the number of
-    (instrument, 5-minute window) marks refreshed."""
+    (instrument, 5-minute window) marks refreshed. ``whole_days=False``: only the windows
+    the writes marked (the tick writer and ``nadi_maint_replace_days`` mark every window they
+    change), i.e. no backfill of windows nobody touched."""
     mode = str(await conn.fetchval("SELECT mode FROM candle_mode"))
     total = 0
     for day in sorted(set(days)):
         start, end = day_bounds(day)
         if mode == "rollup":
-            async with conn.transaction():
-                await conn.execute(_MARK_DAY, start, end)
+            if whole_days:
+                async with conn.transaction():
+                    await conn.execute(_MARK_DAY, start, end)
             total += int(await conn.fetchval("SELECT nadi_refresh_candles($1, $2)", start, end))
         else:
             snapshot = await conn.fetchval("SELECT pg_current_snapshot()")
             for view in ("candles_1m", "candles_5m"):  # 5m is hierarchical on 1m
                 await conn.execute(
                     f"CALL refresh_continuous_aggregate('{view}', $1::timestamptz,"
-                    " $2::timestamptz, force => true)",
+                    " $2::timestamptz, force => $3)",
                     start,
                     end,
+                    whole_days,
                 )
             total += int(
                 await conn.fetchval(

@@ -148,7 +148,10 @@ def normalize(
         if df.schema[f] == pl.String:
             raw = raw.str.strip_chars()
         as_float = raw.cast(pl.Float64, strict=False)
-        exprs.append(pl.col(f).is_not_null().alias(f"_{f}_present"))
+        if df.schema[f] == pl.String:  # an empty field is absent, as in CSV
+            exprs.append((raw.str.len_bytes() > 0).fill_null(False).alias(f"_{f}_present"))
+        else:
+            exprs.append(pl.col(f).is_not_null().alias(f"_{f}_present"))
         if f in INT_FIELDS:
             exprs.append(as_float.alias(f"_{f}_float"))
             exprs.append(as_float.cast(pl.Int64, strict=False).alias(f))

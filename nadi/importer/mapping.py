@@ -106,19 +106,22 @@ def mapping_from(raw: Mapping[str, object]) -> ColumnMapping:
 
 def load_mapping(path: Path) -> ColumnMapping:
     """A mapping file: TOML (``.toml``) or YAML (``.yaml``/``.yml``)."""
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise MappingError(f"{path}: a mapping file is .toml, .yaml or .yml")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MappingError(f"{path}: {e}") from e
     if path.suffix == ".toml":
         try:
             raw: object = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise MappingError(f"{path}: {e}") from e
-    elif path.suffix in (".yaml", ".yml"):
+    else:
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise MappingError(f"{path}: {e}") from e
-    else:
-        raise MappingError(f"{path}: a mapping file is .toml, .yaml or .yml")
     if not isinstance(raw, dict):
         raise MappingError(f"{path}: the mapping must be a table of keys")
     return mapping_from(raw)

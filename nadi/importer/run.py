@@ -184,7 +184,7 @@ async def import_file(
     res.days = [d.isoformat() for d in days]
     if refresh_candles and (res.inserted or res.replaced_rows):
         t1 = time.perf_counter()
-        res.candle_windows = await refresh_candles_days(conn, days)
+        res.candle_windows = await refresh_candles_days(conn, days, whole_days=False)
         res.candle_seconds = round(time.perf_counter() - t1, 3)
     return res
 
