@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from bench.common import bench_settings, fresh_database
-from nadi.importer.frame import SequenceAssigner, chunks, encode_csv, normalize, scan
+from nadi.importer.frame import SequenceAssigner, encode_csv, normalize, read_chunks
 from nadi.importer.mapping import ColumnMapping
 from nadi.importer.run import default_source
 from nadi.settings import Settings
@@ -100,11 +100,11 @@ def _peak_rss_import(s: Settings, path: Path, chunk_rows: int) -> dict[str, Any]
 def render_stage(path: Path, out: Path, chunk_rows: int) -> int:
     """The file's rows as the importer stages them (typed, sequenced), as stage CSV."""
     m = ColumnMapping()
-    lf, _ = scan(path, m)
+    _, it = read_chunks(path, m, chunk_rows)
     seq = SequenceAssigner()
     n = 0
     with out.open("wb") as fh:
-        for df in chunks(lf, chunk_rows):
+        for df in it:
             c = normalize(df, m, source=default_source(path))
             fh.write(encode_csv(seq.assign(c.frame)))
             n += c.frame.height

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from nadi.importer.frame import SequenceAssigner, chunks, encode_csv, normalize, scan
+from nadi.importer.frame import SequenceAssigner, encode_csv, normalize, read_chunks
 from nadi.importer.mapping import (
     ColumnMapping,
     MappingError,
@@ -128,8 +128,8 @@ def test_parquet_datetimes_naive_and_aware(tmp_path: Path) -> None:
         pl.DataFrame(
             {"instrument_token": [7], "exchange_ts": [value], "last_price": [1.5]}
         ).write_parquet(p)
-        lf, _ = scan(p, ColumnMapping())
-        (df,) = list(chunks(lf, 100))
+        _, it = read_chunks(p, ColumnMapping(), 100)
+        (df,) = list(it)
         assert normalize(df, ColumnMapping(), source="t").frame["ts_us"].to_list() == [T0_US], name
 
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 import asyncpg
-import polars as pl
 
 from nadi.db.candle_refresh import refresh_candles_days
 from nadi.db.tick_writer import TICK_STAGE_COLUMNS, init_connection
@@ -33,10 +31,9 @@ from nadi.importer.frame import (
     STAGE_ORDER,
     Chunk,
     SequenceAssigner,
-    chunks,
     encode_csv,
     normalize,
-    scan,
+    read_chunks,
 )
 from nadi.importer.mapping import ColumnMapping
 from nadi.times import date_ordinal, ordinal_date
@@ -106,8 +103,7 @@ class _Reader:
     def __init__(
         self, path: Path, mapping: ColumnMapping, source: str, rows: int, only_day: int | None
     ) -> None:
-        lf, cols = scan(path, mapping)
-        self._it: Iterator[pl.DataFrame] = chunks(lf, rows)
+        cols, self._it = read_chunks(path, mapping, rows)
         self._assign = None if "sequence_id" in cols else SequenceAssigner()
         self._mapping, self._source, self._only_day = mapping, source, only_day
         self._row = 0
