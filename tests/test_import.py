@@ -277,3 +277,26 @@ async def test_candles_refreshed_on_each_edition(
     )
     assert c5 is not None and tuple(c5) == (10.0, 12.0, 10.0, 11.0, 6, 3)
     assert await pg.fetchval("SELECT count(*) FROM candle_dirty WHERE instrument_token = 9701") == 0
+
+
+async def test_same_source_longer_file_adds_its_tail_other_version_is_refused(
+    tmp_path: Path, conn: asyncpg.Connection, pg: asyncpg.Connection
+) -> None:
+    head = ["instrument_token,exchange_ts,last_price", "9901,2024-02-05 09:15:00,1.0"]
+    part = _csv(tmp_path / "part.csv", [*head, "9901,2024-02-05 09:15:01,1.1"])
+    await import_file(conn, part, ColumnMapping(), source="vendor")
+    # the same file, grown (a copy that was still being written when first imported)
+    grown = _csv(
+        tmp_path / "grown.csv",
+        [*head, "9901,2024-02-05 09:15:01,1.1", "9901,2024-02-05 09:15:02,1.2"],
+    )
+    r = await import_file(conn, grown, ColumnMapping(), source="vendor", chunk_rows=1)
+    assert (r.inserted, r.already_stored) == (1, 2)
+    # another version of the day under the same label: its sequence ids 1..3 hold other rows
+    other = _csv(
+        tmp_path / "other.csv",
+        [*head, "9901,2024-02-05 09:15:05,2.0", "9901,2024-02-05 09:15:06,2.1"],
+    )
+    with pytest.raises(ImportConflict, match="same sequence ids"):
+        await import_file(conn, other, ColumnMapping(), source="vendor")
+    assert [(row[1], row[2]) for row in await _rows(pg, 9901)] == [(1, 1.0), (2, 1.1), (3, 1.2)]

@@ -17,6 +17,10 @@ transaction as the new ones come. The live path's age limit does not apply here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import ctypes
+import ctypes.util
+import functools
 import io
 import time
 from dataclasses import dataclass, field
@@ -24,9 +28,10 @@ from datetime import date
 from pathlib import Path
 
 import asyncpg
+import polars as pl
 
 from nadi.db.candle_refresh import refresh_candles_days
-from nadi.db.tick_writer import TICK_STAGE_COLUMNS, init_connection
+from nadi.db.tick_writer import TICK_STAGE_COLUMNS, init_connection, load_state
 from nadi.importer.frame import (
     STAGE_ORDER,
     Chunk,
@@ -59,15 +64,27 @@ ORDER BY 1, 2
 
 
 class ImportConflict(Exception):
-    """Instrument-days of the file already hold ticks of another source: nothing written."""
+    """Instrument-days of the file already hold other ticks: nothing of the file written."""
 
-    def __init__(self, path: Path, source: str, conflicts: list[tuple[int, date, str | None]]):
+    def __init__(
+        self,
+        path: Path,
+        source: str,
+        conflicts: list[tuple[int, date, str | None]],
+        *,
+        same_source: bool = False,
+    ):
         self.conflicts = conflicts
         shown = ", ".join(f"{tok} on {d} (feed {f!r})" for tok, d, f in conflicts[:5])
         more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        what = (
+            f"already hold other ticks of source {source!r} under the same sequence ids"
+            if same_source
+            else f"already hold ticks of another source than {source!r}"
+        )
         super().__init__(
-            f"{path}: {len(conflicts)} instrument-day(s) already hold ticks of another source "
-            f"than {source!r}: {shown}{more}; nothing imported (--replace-day replaces them)"
+            f"{path}: {len(conflicts)} instrument-day(s) {what}: {shown}{more}; nothing "
+            "imported (--replace-day replaces them)"
         )
 
 
@@ -90,6 +107,23 @@ class ImportResult:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@functools.cache
+def _fixed_mmap_threshold() -> None:
+    """Chunks are tens of MB each (their bytes, polars buffers) and are freed by another thread
+    than the one that allocated them. glibc raises its mmap threshold after each such free, so
+    later chunks land in its heaps, which it rarely gives back: RSS crept up with the file
+    (~100 MB per million rows). A fixed threshold keeps big blocks mmapped, returned on free.
+    No-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def default_source(path: Path) -> str:
@@ -135,45 +169,54 @@ async def import_file(
     written) or MappingError (nothing read)."""
     src = source or mapping.source or default_source(path)
     res = ImportResult(str(path), src)
+    _fixed_mmap_threshold()
     await init_connection(conn)
     reader = _Reader(
         path, mapping, src, chunk_rows, None if only_day is None else date_ordinal(only_day)
     )
+    # One reader thread for the whole file: polars' allocator keeps memory per thread, and the
+    # default executor would spread chunks over several (peak RSS grew with the file).
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nadi-import")
+    loop = asyncio.get_running_loop()
     seen: set[Key] = set()
+    own: dict[Key, int] = {}  # days already holding rows of this source: their last sequence
     valid = 0
     t0 = time.perf_counter()
-    async with conn.transaction():
-        nxt = await asyncio.to_thread(reader.next)
-        while nxt is not None:
-            chunk, data = nxt
-            res.rows_read += chunk.rows_read
-            res.rejected += chunk.rejected
-            res.outside_day += chunk.outside
-            if len(res.first_rejected_rows) < 5:
-                res.first_rejected_rows += list(chunk.first_rejected)[
-                    : 5 - len(res.first_rejected_rows)
-                ]
-            valid += chunk.frame.height
-            keys = {
-                (int(t), date_ordinal(d))
-                for t, d in chunk.frame.select("instrument_token", "trading_day")
-                .unique()
-                .iter_rows()
-            }
-            new = sorted(keys - seen)
-            seen.update(new)
-            # Read the next chunk while this one is checked and written.
-            pending = asyncio.ensure_future(asyncio.to_thread(reader.next))
-            try:
-                if new:
-                    await _claim(conn, path, src, new, replace_day, res)
-                if chunk.frame.height:
-                    res.inserted += await _write(conn, data)
-            except BaseException:
-                pending.cancel()
-                raise
-            nxt = await pending
-        res.write_seconds = round(time.perf_counter() - t0, 3)
+    try:
+        async with conn.transaction():
+            nxt = await loop.run_in_executor(pool, reader.next)
+            while nxt is not None:
+                chunk, data = nxt
+                res.rows_read += chunk.rows_read
+                res.rejected += chunk.rejected
+                res.outside_day += chunk.outside
+                if len(res.first_rejected_rows) < 5:
+                    res.first_rejected_rows += list(chunk.first_rejected)[
+                        : 5 - len(res.first_rejected_rows)
+                    ]
+                valid += chunk.frame.height
+                keys = {
+                    (int(t), date_ordinal(d))
+                    for t, d in chunk.frame.select("instrument_token", "trading_day")
+                    .unique()
+                    .iter_rows()
+                }
+                new = sorted(keys - seen)
+                seen.update(new)
+                # Read the next chunk while this one is checked and written.
+                pending = loop.run_in_executor(pool, reader.next)
+                try:
+                    if new:
+                        own.update(await _claim(conn, path, src, new, replace_day, res))
+                    if chunk.frame.height:
+                        res.inserted += await _write_chunk(conn, path, src, chunk.frame, data, own)
+                except BaseException:
+                    pending.cancel()
+                    raise
+                nxt = await pending
+            res.write_seconds = round(time.perf_counter() - t0, 3)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     res.already_stored = valid - res.inserted
     res.instrument_days = len(seen)
     days = sorted({ordinal_date(d) for _, d in seen})
@@ -192,18 +235,56 @@ async def _claim(
     keys: list[Key],
     replace_day: bool,
     res: ImportResult,
-) -> None:
-    """First sight of these instrument-days in this import: refuse or replace other data."""
+) -> dict[Key, int]:
+    """First sight of these instrument-days in this import: refuse or replace other data;
+    returns the last stored sequence of those that hold rows of this source already."""
     tokens = [k[0] for k in keys]
     days = [ordinal_date(k[1]) for k in keys]
     if replace_day:
         res.replaced_rows += int(
             await conn.fetchval("SELECT nadi_maint_replace_days($1, $2)", tokens, days)
         )
-        return
+        return {}
     rows = await conn.fetch(_OTHER_SOURCE, tokens, days, source)
     if rows:
         raise ImportConflict(path, source, [(int(r[0]), r[1], r[2]) for r in rows])
+    state = await load_state(conn, keys)
+    return {k: last for k, last in state.items() if last is not None}
+
+
+async def _write_chunk(
+    conn: asyncpg.Connection,
+    path: Path,
+    source: str,
+    frame: pl.DataFrame,
+    data: bytes,
+    own: dict[Key, int],
+) -> int:
+    """Write a chunk; rows of days this source already holds must be exact copies up to the
+    stored last sequence (a repeated import stores nothing, a longer version of the same
+    file adds its tail), else the source held another version of the day: ImportConflict."""
+    if not own:
+        return await _write(conn, data)
+    last = pl.DataFrame(
+        {
+            "instrument_token": [k[0] for k in own],
+            "trading_day": [ordinal_date(k[1]) for k in own],
+            "_last": list(own.values()),
+        },
+        schema={"instrument_token": pl.Int64, "trading_day": pl.Date, "_last": pl.Int64},
+    )
+    j = frame.join(last, on=["instrument_token", "trading_day"], how="left", maintain_order="left")
+    held = j["_last"].is_not_null() & (j["sequence_id"] <= j["_last"])
+    if not held.any():
+        return await _write(conn, data)
+    old, rest = frame.filter(held), frame.filter(~held)
+    inserted = await _write(conn, encode_csv(rest)) if rest.height else 0
+    if await _write(conn, encode_csv(old)):
+        bad = old.select("instrument_token", "trading_day").unique().sort("instrument_token")
+        raise ImportConflict(
+            path, source, [(int(t), d, source) for t, d in bad.iter_rows()], same_source=True
+        )
+    return inserted
 
 
 async def _write(conn: asyncpg.Connection, data: bytes) -> int:
