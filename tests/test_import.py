@@ -3,7 +3,8 @@ sequence ids, exactly once, conflicts and --replace-day, candles refreshed."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -17,6 +18,40 @@ from nadi.importer import ColumnMapping, ImportConflict, import_file, load_mappi
 from nadi.settings import Settings
 
 IST_0915 = datetime(2024, 2, 5, 3, 45, tzinfo=UTC)  # Monday 2024-02-05 09:15 IST
+
+
+async def drop_imported_history(s: Settings) -> None:
+    """Leave the shared test database as found: these tests write February 2024, which other
+    tests' retention checks would count as old chunks of their own."""
+    pg = await asyncpg.connect(s.pg_dsn)
+    try:
+        await pg.execute(
+            """SELECT drop_chunks('ticks', older_than => '2024-02-10'::timestamptz,
+                                  newer_than => '2024-02-01'::timestamptz);
+               DELETE FROM candle_dirty WHERE bucket >= '2024-02-01' AND bucket < '2024-02-10';
+               DELETE FROM ingest_state WHERE trading_day >= '2024-02-01'
+                                          AND trading_day < '2024-02-10';"""
+        )
+        if await pg.fetchval("SELECT mode FROM candle_mode") == "rollup":
+            await pg.execute(
+                """SELECT drop_chunks('candles_1m', older_than => '2024-02-10'::timestamptz,
+                                      newer_than => '2024-02-01'::timestamptz);
+                   SELECT drop_chunks('candles_5m', older_than => '2024-02-10'::timestamptz,
+                                      newer_than => '2024-02-01'::timestamptz);"""
+            )
+        else:
+            for view in ("candles_1m", "candles_5m"):
+                await pg.execute(
+                    f"CALL refresh_continuous_aggregate('{view}', '2024-02-01', '2024-02-10')"
+                )
+    finally:
+        await pg.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cleanup(migrated: Settings) -> Iterator[None]:
+    yield
+    asyncio.run(drop_imported_history(migrated))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -14,9 +15,16 @@ from dagster import RunRequest, build_sensor_context, materialize
 from nadi.settings import Settings, get_settings
 from pipelines.assets.imports import day_files, day_of, history_import, history_import_sensor
 from pipelines.resources import TimescaleResource
+from tests.test_import import drop_imported_history
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 DAY = "2024-02-07"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cleanup(migrated: Settings) -> Iterator[None]:
+    yield
+    asyncio.run(drop_imported_history(migrated))
 
 
 @pytest.fixture
