@@ -43,6 +43,23 @@ def bench_ingest(
     emit(settings, "ingest", asyncio.run(run(settings, n, dup_rate, batch)))
 
 
+@bench_app.command("import")
+def bench_import(
+    rows: int = typer.Option(5_000_000, min=10_000, help="rows of the big generated CSV"),
+    small: int = typer.Option(1_000_000, min=10_000, help="rows of the small one (RSS flatness)"),
+    chunk_rows: int = typer.Option(250_000, min=1000, help="rows per import chunk"),
+    keep: bool = typer.Option(False, help="keep the benchmark database afterwards"),
+) -> None:
+    """`nadi import` of a generated CSV: rows/s, ratio to raw COPY, peak RSS, a second import."""
+    import asyncio
+
+    from bench.common import emit
+    from bench.import_ import run
+
+    settings = get_settings()
+    emit(settings, "import", asyncio.run(run(settings, rows, small, chunk_rows, keep)))
+
+
 @bench_app.command("pipelines")
 def bench_pipelines() -> None:
     """How long a one-day candle refresh, a gap repair and an EOD reconciliation take."""

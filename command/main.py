@@ -15,6 +15,7 @@ import typer
 
 from api.cli import api
 from command import bench
+from command.import_ import import_history
 from command.replay import replay
 from command.services import services_app
 from command.up import up
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.command("simulate")(simulate)
 app.command("api")(api)
 app.command("replay")(replay)
+app.command("import")(import_history)
 
 
 @app.command("migrate")

@@ -244,6 +244,12 @@ class Settings(BaseSettings):
         7, ge=1, description="compress tick chunks older than this (Timescale license)"
     )
 
+    # --- history import (issue 14, `nadi import`): the folder the Dagster imports asset
+    # watches (files named by trading day, see pipelines/assets/imports.py) and the rows per
+    # chunk the importer reads, stages and writes at a time (its memory is about this).
+    import_dir: Path = Field(default_factory=lambda: _local("import"))
+    import_chunk_rows: int = Field(250_000, ge=1000, le=10_000_000)
+
     # Where local services keep data, builds and logs (git-ignored).
     home: Path = Field(default_factory=_local)
     dagster_home: Path = Field(

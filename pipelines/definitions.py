@@ -7,6 +7,7 @@ from dagster import Definitions
 from nadi.settings import Settings, get_settings
 from pipelines.assets.candles import candle_refresh_policy, candles
 from pipelines.assets.eod import eod_reconciliation
+from pipelines.assets.imports import history_import, history_import_job, history_import_sensor
 from pipelines.assets.repair import gap_repair
 from pipelines.assets.replay import ticks_replay
 from pipelines.assets.storage import ticks, ticks_compression, ticks_hypertable, ticks_retention
@@ -29,10 +30,11 @@ def build_definitions(settings: Settings) -> Definitions:
             candle_refresh_policy,
             eod_reconciliation,
             ticks_replay,
+            history_import,
         ],
-        jobs=all_jobs,
+        jobs=[*all_jobs, history_import_job],
         schedules=all_schedules,
-        sensors=[build_gap_repair_sensor(settings)],
+        sensors=[build_gap_repair_sensor(settings), history_import_sensor],
         resources=resources_from_settings(settings),
     )
 

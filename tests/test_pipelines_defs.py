@@ -46,6 +46,7 @@ def test_definitions_load_and_validate() -> None:
         "ticks_compression": "storage", "candles_1m": "aggregates", "candles_5m": "aggregates",
         "candle_refresh_policy": "aggregates", "gap_repair": "quality",
         "eod_reconciliation": "quality", "ticks_replay": "replay",
+        "history_import": "ingest",
     }  # fmt: skip
     g = repo.asset_graph
     # Lineage: repairs feed candles; both read ticks.
@@ -62,7 +63,7 @@ def test_definitions_load_and_validate() -> None:
         "candles_intraday_schedule", "eod_reconciliation_schedule", "replay_nightly_schedule",
         "storage_maintenance_schedule", "candle_refresh_schedule",
     }  # fmt: skip
-    assert {s.name for s in repo.sensor_defs} == {"gap_repair_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {"gap_repair_sensor", "history_import_sensor"}
     assert {(k.asset_key.to_user_string(), k.name) for k in g.asset_check_keys} == {
         ("candles_1m", "matches_raw_ticks"), ("candles_5m", "matches_raw_ticks"),
         ("gap_repair", "all_gaps_closed"), ("eod_reconciliation", "matches_bhavcopy"),

@@ -78,6 +78,8 @@ FUNCTIONS: dict[str, set[str]] = {
     "nadi_candle_rollup_aggregates": {"nadi_api", "nadi_maint"},
     "nadi_candle_dirty_stamp": {"nadi_ingest", "nadi_maint"},
     "nadi_forget_refreshed_marks": {"nadi_maint"},
+    # history import (0017): whole instrument-days replaced, --replace-day
+    "nadi_maint_replace_days": {"nadi_maint"},
 }
 SECURITY_DEFINER = {n for n in FUNCTIONS if n.startswith("nadi_maint_")}
 
