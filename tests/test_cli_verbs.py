@@ -14,7 +14,7 @@ def _names(group: typer.Typer) -> set[str]:
 def test_top_level_verbs() -> None:
     assert _names(app) == {
         "up", "services", "migrate", "simulate", "process", "api", "replay", "bench", "instruments",
-        "feed",
+        "feed", "import",
     }  # fmt: skip
 
 
@@ -26,4 +26,6 @@ def test_sub_verbs() -> None:
     assert subs["feed"] == {"kite"}
     # From a checkout, the benchmarks are mounted (an installed wheel gets a one-line refusal:
     # tests/test_wheel.py).
-    assert subs["bench"] == {"ingest", "replay", "candles", "latency", "ws", "pipelines", "faults"}
+    assert subs["bench"] == {
+        "ingest", "replay", "candles", "latency", "ws", "pipelines", "faults", "import",
+    }  # fmt: skip
