@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
+from infra.go import find_go, go_install
 from infra.paths import Paths
 from infra.proc import ServiceError, run, say, wait_port
 
@@ -48,28 +48,18 @@ class Centrifugo:
         return f"http://{self.host}:{self.port}/api/batch"
 
     def install(self) -> Path:
-        if self.binary.exists():
-            return self.binary
-        go = shutil.which("go") or (
-            "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
-        )
-        if go is None:
-            raise ServiceError("Centrifugo needs Go to build it (`go install`); Go was not found")
-        say(f"go install {MODULE}@{VERSION} (about 3 minutes)")
-        self.binary.parent.mkdir(parents=True, exist_ok=True)
-        run(
-            [go, "install", f"{MODULE}@{VERSION}"],
-            env={"GOBIN": str(self.binary.parent), "CGO_ENABLED": "0"},
+        return go_install(
+            MODULE,
+            VERSION,
+            self.binary,
+            what="Centrifugo (about 3 minutes)",
             log=self.paths.logs / "centrifugo-install.log",
         )
-        if not self.binary.exists():
-            raise ServiceError(f"go install did not produce {self.binary}")
-        return self.binary
 
     def version(self) -> str:
         """The module version the binary was built from (``go install`` sets no version
         string of its own: ``centrifugo version`` says v0.0.0)."""
-        go = shutil.which("go") or "/usr/local/go/bin/go"
+        go = find_go() or "go"
         out = run([go, "version", "-m", self.install()], check=False).stdout
         for line in out.splitlines():
             parts = line.split()

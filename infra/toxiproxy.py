@@ -9,15 +9,15 @@ upstream) and toxics on them (``latency``, ``reset_peer``, ``timeout``, ...).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from infra.go import go_install
 from infra.paths import Paths
-from infra.proc import ServiceError, read_pid, run, say, stop_pid, wait_port
+from infra.proc import ServiceError, read_pid, say, stop_pid, wait_port
 
 MODULE = "github.com/Shopify/toxiproxy/v2/cmd/server"
 VERSION = "latest"
@@ -43,23 +43,13 @@ class Toxiproxy:
         return f"http://{self.host}:{self.port}"
 
     def install(self) -> Path:
-        if self.binary.exists():
-            return self.binary
-        go = shutil.which("go") or (
-            "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
-        )
-        if go is None:
-            raise ServiceError("Toxiproxy needs Go to build it (`go install`); Go was not found")
-        say(f"go install {MODULE}@{VERSION}")
-        self.binary.parent.mkdir(parents=True, exist_ok=True)
-        run(
-            [go, "install", f"{MODULE}@{VERSION}"],
-            env={"GOBIN": str(self.binary.parent), "CGO_ENABLED": "0"},
+        return go_install(
+            MODULE,
+            VERSION,
+            self.binary,
+            what="Toxiproxy",
             log=self.paths.logs / "toxiproxy-install.log",
         )
-        if not self.binary.exists():
-            raise ServiceError(f"go install did not produce {self.binary}")
-        return self.binary
 
     def running(self) -> bool:
         return read_pid(self.pidfile) is not None

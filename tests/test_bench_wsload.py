@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+import infra.go
 from bench import wsload
 from nadi.redis_keys import RedisKeys
 from nadi.ring import RingWriter
@@ -106,7 +107,7 @@ async def test_native_clients_count_a_tiny_load_against_the_api(
 
 def test_no_go_toolchain_fails_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no `go` here
-    monkeypatch.setattr(wsload, "GO_FALLBACKS", ())
+    monkeypatch.setattr(infra.go, "GO_FALLBACKS", ())
     with pytest.raises(
         wsload.GoMissingError, match=r"needs Go .* to build its native load clients"
     ):

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from infra.go import GO_FALLBACKS
+from infra.go import find_go as go_command
+
 SOURCE = Path(__file__).resolve().parent
-GO_FALLBACKS = ("/usr/local/go/bin/go",)  # the official tarball's place, often not on PATH
 
 
 class GoMissingError(RuntimeError):
@@ -33,7 +34,7 @@ def source_key() -> str:
 
 
 def find_go() -> str:
-    go = shutil.which("go") or next((g for g in GO_FALLBACKS if Path(g).exists()), None)
+    go = go_command()
     if go is None:
         raise GoMissingError(
             "nadi bench ws needs Go (1.23 or newer) to build its native load clients "
