@@ -145,3 +145,12 @@ def emit(s: Settings, name: str, result: dict[str, object]) -> None:
     with (out / f"{name}.jsonl").open("a") as fh:
         fh.write(line + "\n")
     print(line, flush=True)
+
+
+# The raw baseline's table: ``ticks``' shape as a hypertable with only the unique key, empty,
+# so a bench compares its path with a plain COPY + INSERT ... ON CONFLICT DO NOTHING.
+RAW_BENCH_TABLE = """DROP TABLE IF EXISTS ticks_raw_bench;
+   CREATE TABLE ticks_raw_bench (LIKE ticks INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+   SELECT create_hypertable('ticks_raw_bench', by_range('exchange_ts', INTERVAL '1 hour'),
+                            create_default_indexes => FALSE);
+   CREATE UNIQUE INDEX ON ticks_raw_bench (instrument_token, exchange_ts, sequence_id);"""

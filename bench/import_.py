@@ -27,7 +27,7 @@ import asyncpg
 import numpy as np
 import polars as pl
 
-from bench.common import bench_settings, fresh_database
+from bench.common import RAW_BENCH_TABLE, bench_settings, fresh_database
 from nadi.importer.frame import SequenceAssigner, encode_csv, normalize, read_chunks
 from nadi.importer.mapping import ColumnMapping
 from nadi.importer.run import default_source
@@ -119,13 +119,9 @@ async def raw_copy(s: Settings, stage_csv: Path, chunk_rows: int) -> tuple[float
     NOTHING into an empty ticks-shaped hypertable, in one transaction; and rows stored."""
     conn = await asyncpg.connect(s.pg_dsn, command_timeout=None)
     try:
+        await conn.execute(RAW_BENCH_TABLE)
         await conn.execute(
-            """DROP TABLE IF EXISTS ticks_raw_bench;
-               CREATE TABLE ticks_raw_bench (LIKE ticks INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
-               SELECT create_hypertable('ticks_raw_bench', by_range('exchange_ts', INTERVAL '1 hour'),
-                                        create_default_indexes => FALSE);
-               CREATE UNIQUE INDEX ON ticks_raw_bench (instrument_token, exchange_ts, sequence_id);
-               CREATE TEMP TABLE raw_stage (
+            """CREATE TEMP TABLE raw_stage (
                    instrument_token bigint, ts_us bigint, sequence_id bigint, last_price float8,
                    last_qty bigint, volume bigint, oi bigint, bid float8, ask float8,
                    bid_qty bigint, ask_qty bigint, status text, feed text, trading_day date

@@ -92,13 +92,9 @@ async def raw_write(s: Settings, ticks: list[Tick], batch: int) -> float:
     """Seconds to COPY + INSERT … ON CONFLICT DO NOTHING ``ticks`` into an empty hypertable."""
     conn = await asyncpg.connect(s.pg_dsn)
     try:
+        await conn.execute(common.RAW_BENCH_TABLE)
         await conn.execute(
-            """DROP TABLE IF EXISTS ticks_raw_bench;
-               CREATE TABLE ticks_raw_bench (LIKE ticks INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
-               SELECT create_hypertable('ticks_raw_bench', by_range('exchange_ts', INTERVAL '1 hour'),
-                                        create_default_indexes => FALSE);
-               CREATE UNIQUE INDEX ON ticks_raw_bench (instrument_token, exchange_ts, sequence_id);
-               CREATE TEMP TABLE raw_stage (LIKE ticks_raw_bench) ON COMMIT DELETE ROWS;"""
+            "CREATE TEMP TABLE raw_stage (LIKE ticks_raw_bench) ON COMMIT DELETE ROWS"
         )
         from datetime import UTC, datetime, timedelta
 

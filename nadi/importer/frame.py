@@ -168,16 +168,23 @@ def _good_value(f: str) -> pl.Expr:
     return v >= 0 if f in INT_FIELDS else v.is_finite() & (v > 0)
 
 
-def _typed_strict(df: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.Expr]] | None:
-    """The common case, cheaply: every present value casts exactly (else None)."""
-    exprs: list[pl.Expr] = []
-    checks: list[pl.Expr] = []
+def _value_fields(df: pl.DataFrame, exprs: list[pl.Expr]) -> Iterator[str]:
+    """The value fields (all but ``exchange_ts``) that ``df`` has; for each it lacks, a null
+    column of the field's type is appended to ``exprs``."""
     for f in FIELDS:
         if f == "exchange_ts":
             continue
         if f not in df.columns:
             exprs.append(pl.lit(None, dtype=pl.Int64 if f in INT_FIELDS else pl.Float64).alias(f))
             continue
+        yield f
+
+
+def _typed_strict(df: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.Expr]] | None:
+    """The common case, cheaply: every present value casts exactly (else None)."""
+    exprs: list[pl.Expr] = []
+    checks: list[pl.Expr] = []
+    for f in _value_fields(df, exprs):
         exprs.append(pl.col(f).cast(pl.Int64 if f in INT_FIELDS else pl.Float64, strict=True))
         v = pl.col(f)
         checks.append(
@@ -193,12 +200,7 @@ def _typed_lenient(df: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.Expr]]:
     """Any values: what does not parse is null, and a row whose value did not is bad."""
     exprs: list[pl.Expr] = []
     checks: list[pl.Expr] = []
-    for f in FIELDS:
-        if f == "exchange_ts":
-            continue
-        if f not in df.columns:
-            exprs.append(pl.lit(None, dtype=pl.Int64 if f in INT_FIELDS else pl.Float64).alias(f))
-            continue
+    for f in _value_fields(df, exprs):
         raw = pl.col(f)
         if df.schema[f] == pl.String:
             raw = raw.str.strip_chars()
