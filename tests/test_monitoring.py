@@ -147,7 +147,7 @@ async def test_collect_db_reads_gaps_ticking_instruments_and_eod(pg: asyncpg.Con
     )
     await pg.execute(
         "INSERT INTO ingest_state (instrument_token, trading_day, last_seq, updated_at) "
-        "VALUES (738561, $1, 5, $2), (738561, $3, 9, $2)",
+        "VALUES (999001, $1, 5, $2), (999001, $3, 9, $2)",
         today,
         now - timedelta(seconds=42),
         today - timedelta(days=1),
@@ -157,9 +157,10 @@ async def test_collect_db_reads_gaps_ticking_instruments_and_eod(pg: asyncpg.Con
     assert 399 <= f.oldest_open_age_s <= 401
     assert f.gaps_today == {"open": 2, "repaired": 1, "unrecoverable": 1}
     assert f.repaired_today == 2
-    # today's row only; no instruments master loaded in this database: no symbol
-    assert list(f.last_tick_age_s) == [(738561, "")]
-    assert 41 <= f.last_tick_age_s[(738561, "")] <= 43
+    # today's row only; a token the instrument master lacks (other tests load the master into
+    # this database): no symbol
+    assert list(f.last_tick_age_s) == [(999001, "")]
+    assert 41 <= f.last_tick_age_s[(999001, "")] <= 43
     assert f.eod_day is None and f.eod_verdicts == {}
     await pg.execute(
         "INSERT INTO eod_reconciliation (trading_day, instrument_token, verdict) "

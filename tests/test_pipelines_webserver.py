@@ -91,7 +91,7 @@ def test_webserver_serves_the_code_location(migrated: Settings, tmp_path: Path) 
             "ticks_hypertable": "storage", "ticks": "storage", "candles_1m": "aggregates",
             "candles_5m": "aggregates", "gap_repair": "quality", "eod_reconciliation": "quality",
             "ticks_replay": "replay", "ticks_retention": "storage", "ticks_compression": "storage",
-            "candle_refresh_policy": "aggregates",
+            "candle_refresh_policy": "aggregates", "history_import": "ingest",
         }  # fmt: skip
         jobs = {j["name"] for j in repo["jobs"]}
         assert {"candles_job", "gap_repair_job", "eod_reconciliation_job", "replay_job",
@@ -104,7 +104,10 @@ def test_webserver_serves_the_code_location(migrated: Settings, tmp_path: Path) 
             "replay_nightly_schedule": "Asia/Kolkata",
             "storage_maintenance_schedule": "Asia/Kolkata",
         }
-        assert {s["name"] for s in repo["sensors"]} == {"gap_repair_sensor"}
+        assert {s["name"] for s in repo["sensors"]} == {
+            "gap_repair_sensor",
+            "history_import_sensor",
+        }
     finally:
         proc.terminate()
         try:
