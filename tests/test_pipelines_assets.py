@@ -409,6 +409,12 @@ def test_sensor_stops_at_the_run_limit(market: Market) -> None:
 def test_gap_repair_closes_every_gap_and_fixes_candles(market: Market) -> None:
     m = market
     day = m.gap_day
+    # Past the sensor's grace, unclaimed and unattempted, whichever tests ran before this one.
+    q(
+        m,
+        "UPDATE sequence_gaps SET detected_at = now() - INTERVAL '1 minute', claimed_by = NULL,"
+        " claimed_at = NULL, repair_attempts = 0 WHERE status = 'open'",
+    )
     reqs = sensor_requests(m)
     assert len(reqs) == 1 and len(_gap_ids(reqs[0])) == len(_open_gaps(m))  # one batch
     job = m.defs.get_job_def("gap_repair_job")
