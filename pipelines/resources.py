@@ -83,11 +83,6 @@ class TimescaleResource(_Resource):
         return base.model_copy(update={"pg_dsn": self.owner_dsn or self.dsn})
 
 
-async def candle_mode(conn: asyncpg.Connection) -> str:
-    """``rollup`` (Apache edition) or ``continuous_aggregate`` (Timescale license)."""
-    return str(await conn.fetchval("SELECT mode FROM candle_mode"))
-
-
 class RedisResource(_Resource):
     """The Redis holding the processor's per-instrument rings and sequence state."""
 

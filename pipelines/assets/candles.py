@@ -35,31 +35,15 @@ from dagster import (
 )
 from pydantic import Field
 
+from nadi.db.candle_refresh import candle_mode, refresh_aggregates, refresh_window
 from nadi.times import day_bounds
 from pipelines.assets.storage import policy_asset, ticks
 from pipelines.checks import CandleCheckOutcome, candle_check_specs, check_candles_day
 from pipelines.partitions import key_to_day, trading_days
-from pipelines.resources import TimescaleResource, candle_mode, run_async
+from pipelines.resources import TimescaleResource, run_async
 
 GROUP = "aggregates"
 GAP_REPAIR_KEY = AssetKey("gap_repair")
-
-_MARK_DAY = """
-WITH w AS (
-    SELECT DISTINCT instrument_token, time_bucket(INTERVAL '5 minutes', exchange_ts) AS bucket
-    FROM ticks WHERE exchange_ts >= $1 AND exchange_ts < $2
-    UNION
-    -- windows that have candles but no ticks any more (ticks deleted) must be emptied too
-    SELECT DISTINCT instrument_token, time_bucket(INTERVAL '5 minutes', bucket)
-    FROM candles_1m WHERE bucket >= $1 AND bucket < $2
-), ins AS (
-    INSERT INTO candle_dirty (instrument_token, bucket)
-    SELECT instrument_token, bucket FROM w ORDER BY 2, 1
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT count(*) FROM ins
-"""
 
 
 class CandleRefreshConfig(Config):
@@ -77,52 +61,12 @@ class CandleRefreshConfig(Config):
     )
 
 
-async def refresh_aggregates(
-    conn: asyncpg.Connection, start: datetime, end: datetime, *, force: bool
-) -> int:
-    """Timescale license: refresh both continuous aggregates over ``[start, end)`` and forget
-    the marks they now cover; returns the number of marks forgotten.
-
-    A refresh cannot run in one transaction with its claim of the marks, so the snapshot comes
-    first: every mark it saw committed has its ticks in the refresh that follows, and a mark
-    written meanwhile (a tick committed during the refresh) stays, its window served from raw
-    ticks until the next refresh. ``conn`` must not be in a transaction.
-    """
-    snapshot = await conn.fetchval("SELECT pg_current_snapshot()")
-    # 5m is hierarchical on 1m: 1m goes first.
-    for view in ("candles_1m", "candles_5m"):
-        await conn.execute(
-            f"CALL refresh_continuous_aggregate('{view}', $1::timestamptz, $2::timestamptz,"
-            " force => $3)",
-            start,
-            end,
-            force,
-        )
-    return int(
-        await conn.fetchval(
-            "SELECT nadi_forget_refreshed_marks($1::pg_snapshot, $2, $3)", snapshot, start, end
-        )
-    )
-
-
 async def refresh_day(conn: asyncpg.Connection, day: date, *, full: bool) -> dict[str, Any]:
     """Refresh both candle tables over ``day``'s window; returns operator figures."""
     start, end = day_bounds(day)
     mode = await candle_mode(conn)
     t0 = time.perf_counter()
-    marked = 0
-    windows = 0
-    if mode == "rollup":
-        if full:
-            # nadi_refresh_candles only recomputes windows marked dirty: a backfill of a day
-            # whose marks were consumed long ago must mark the whole day first.
-            async with conn.transaction():
-                marked = int(await conn.fetchval(_MARK_DAY, start, end))
-        windows = int(await conn.fetchval("SELECT nadi_refresh_candles($1, $2)", start, end))
-    else:
-        # Continuous aggregates track invalidations themselves; a full refresh recomputes
-        # every bucket of the day whatever they recorded (force).
-        windows = await refresh_aggregates(conn, start, end, force=full)
+    marked, windows = await refresh_window(conn, mode, start, end, full=full)
     refresh_ms = round((time.perf_counter() - t0) * 1000, 1)
     stats = await conn.fetchrow(
         """SELECT (SELECT count(*) FROM candles_1m WHERE bucket >= $1 AND bucket < $2) AS c1,

@@ -52,10 +52,11 @@ from dagster import (
 )
 from pydantic import Field
 
+from nadi.db.candle_refresh import candle_mode
 from nadi.db.migrate import run_migrations, timescaledb_license
 from nadi.settings import get_settings
 from pipelines.partitions import trading_days
-from pipelines.resources import RedisResource, TimescaleResource, candle_mode, run_async
+from pipelines.resources import RedisResource, TimescaleResource, run_async
 
 GROUP = "storage"
 JOBS_CHECK = "timescaledb_jobs_ok"
