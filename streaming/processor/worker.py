@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import start_http_server
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential_jitter
 
@@ -386,12 +386,19 @@ class MarketDataProcessor:
             await asyncio.wait([f.task for f in self.in_flight])
         self._reap()
         processor.reset()
-        for tp in consumer.assignment():
+        for tp in list(consumer.assignment()):
             committed = await consumer.committed(tp)
-            if committed is None or committed < 0:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
+            # A rebalance during an await here (a worker woken from a stall often is in one)
+            # may revoke tp: its new owner reads it from the committed offset, nothing to do.
+            if tp not in consumer.assignment():
+                continue
+            try:
+                if committed is None or committed < 0:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, committed)
+            except IllegalStateError:
+                log.info("partition revoked while reading again", partition=tp.partition)
         self._rewind = False
 
     async def _commit_offsets(self) -> None:
