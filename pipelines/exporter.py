@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from datetime import time as dtime
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
@@ -143,7 +143,12 @@ def eod_overdue(now: datetime, latest_day: date | None) -> bool:
 
 
 def ist_midnight(now: datetime) -> datetime:
-    return datetime.combine(now.astimezone(IST).date(), dtime(0), IST)
+    """00:00 IST of ``now``'s IST day, as an aware UTC datetime.
+
+    UTC because Dagster's run filters drop the tzinfo and compare with a naive UTC column: an
+    IST-aware bound would land 5 h 30 late (after 18:30 UTC today's failures vanished).
+    """
+    return datetime.combine(now.astimezone(IST).date(), dtime(0), IST).astimezone(UTC)
 
 
 # ---- collectors ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -20,7 +20,14 @@ from infra.prometheus import MONITORING, PrometheusServer, promtool
 from nadi.calendar import previous_trading_day
 from nadi.settings import Settings
 from nadi.times import IST
-from pipelines.exporter import collect_dagster, collect_db, eod_overdue, lag_of, market_open
+from pipelines.exporter import (
+    collect_dagster,
+    collect_db,
+    eod_overdue,
+    ist_midnight,
+    lag_of,
+    market_open,
+)
 from tests.rest_util import free_port
 
 RULES = Path(str(MONITORING.joinpath("alerts.yml")))
@@ -170,6 +177,17 @@ async def test_collect_db_reads_gaps_ticking_instruments_and_eod(pg: asyncpg.Con
     )
     f = await collect_db(pg, now)
     assert f.eod_day == today and f.eod_verdicts == {"match": 1, "mismatch": 1}
+
+
+def test_ist_midnight_is_the_utc_instant_of_the_ist_day_start() -> None:
+    # 00:04 IST on 3 Dec is still 2 Dec in UTC: the day starts at 18:30 UTC the evening before.
+    m = ist_midnight(datetime(2026, 12, 2, 18, 34, tzinfo=UTC))
+    assert m == datetime(2026, 12, 2, 18, 30, tzinfo=UTC)
+    # Dagster's run filters drop the tzinfo and read the rest as UTC: it must already be UTC.
+    assert m.utcoffset() == timedelta(0) and m.replace(tzinfo=None) == datetime(2026, 12, 2, 18, 30)
+    assert ist_midnight(datetime(2026, 12, 2, 18, 29, tzinfo=UTC)) == datetime(
+        2026, 12, 1, 18, 30, tzinfo=UTC
+    )
 
 
 def test_collect_dagster_counts_runs_by_status(tmp_path: Path) -> None:

@@ -303,6 +303,11 @@ def test_candle_check_fails_on_a_difference(market: Market, edition: str) -> Non
     m = market
     d = m.days[1]
     start, end = day_bounds(d)
+    # The day's candles stored, whatever ran before (run alone, nothing has refreshed them).
+    r = materialize(
+        [candles], instance=m.instance, resources=m.resources(), partition_key=partition_key(d)
+    )
+    assert checks(r)[("candles_5m", "matches_raw_ticks")].passed
     row = q(
         m,
         "SELECT instrument_token, bucket FROM candles_1m WHERE bucket >= $1 AND bucket < $2"
@@ -310,8 +315,13 @@ def test_candle_check_fails_on_a_difference(market: Market, edition: str) -> Non
         start,
         end,
     )[0]
-    q(m, f"UPDATE {storage_table(m, 'candles_1m')} SET high = high + 1"
-         " WHERE instrument_token = $1 AND bucket = $2", *row)  # fmt: skip
+    # Above every high of its 5-minute window, so the damage shows in a 5m rollup of it too
+    # (high + 1 did not when another minute of the window was higher: it hung on the day).
+    q(m, f"""UPDATE {storage_table(m, 'candles_1m')} SET high = (
+                 SELECT max(high) + 1 FROM candles_1m WHERE instrument_token = $1
+                 AND bucket >= time_bucket(INTERVAL '5 minutes', $2::timestamptz)
+                 AND bucket < time_bucket(INTERVAL '5 minutes', $2::timestamptz) + INTERVAL '5 minutes')
+             WHERE instrument_token = $1 AND bucket = $2""", *row)  # fmt: skip
     # An incremental refresh recomputes nothing (no dirty marks): the check sees the damage...
     r = materialize(
         [candles], instance=m.instance, resources=m.resources(), partition_key=partition_key(d),

@@ -391,16 +391,30 @@ async def test_maint_role_runs_owner_operations_only_through_its_functions(
     ) == timedelta(hours=2)
     await maint.execute("SELECT nadi_maint_set_chunk_interval('ticks', $1::interval)", before)
 
-    chunk = await maint.fetchval(
-        "SELECT c::text FROM show_chunks('ticks', newer_than => now() - INTERVAL '1 day') c"
+    # A chunk of this test's own, never analyzed: today's chunks hold other tests' rows, and
+    # autovacuum analyzes any of them once enough rows land (a shared chunk read 672, not -1).
+    # Far in the future so nothing else reads it; dropped again so no other test sees it.
+    far = datetime(2099, 6, 1, tzinfo=UTC)
+    await pg.execute("SELECT drop_chunks('ticks', newer_than => $1::timestamptz)", far)
+    await pg.execute(
+        "INSERT INTO ticks (instrument_token, exchange_ts, sequence_id, last_price)"
+        " VALUES ($1, $2, 1, 10)",
+        token,
+        far,
     )
-    # ANALYZE itself only warns and skips for a non-owner; the function analyzes (reltuples
-    # goes from -1, never analyzed, to the row count).
-    await maint.execute(f"ANALYZE {chunk}")
-    reltuples = "SELECT reltuples FROM pg_class WHERE oid = $1::regclass"
-    assert await pg.fetchval(reltuples, chunk) == -1
-    await maint.execute("SELECT nadi_maint_analyze($1::regclass)", chunk)
-    assert await pg.fetchval(reltuples, chunk) >= 1
+    try:
+        chunk = await pg.fetchval(
+            "SELECT tableoid::regclass::text FROM ticks WHERE exchange_ts = $1", far
+        )
+        # ANALYZE itself only warns and skips for a non-owner; the function analyzes
+        # (reltuples goes from -1, never analyzed, to the row count).
+        await maint.execute(f"ANALYZE {chunk}")
+        reltuples = "SELECT reltuples FROM pg_class WHERE oid = $1::regclass"
+        assert await pg.fetchval(reltuples, chunk) == -1
+        await maint.execute("SELECT nadi_maint_analyze($1::regclass)", chunk)
+        assert await pg.fetchval(reltuples, chunk) >= 1
+    finally:
+        await pg.execute("SELECT drop_chunks('ticks', newer_than => $1::timestamptz)", far)
     await maint.execute("SELECT nadi_maint_analyze('candle_dirty')")
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not a table of schema public"):
         await maint.execute("SELECT nadi_maint_analyze('pg_catalog.pg_authid')")
